@@ -1,0 +1,251 @@
+"""Reports: tables and figures into ``report.md``, a self-contained ``report.html`` and ``results.json``.
+
+A :class:`Report` holds one :class:`Section` per system. Each section states its settings (scale, seeds,
+data used) and carries tables, figures (PNG files, embedded into the HTML as base64) and free text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robustlab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, to_jsonable
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+@dataclass
+class Figure:
+    title: str
+    path: Path
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    """One system's part of a report. ``status`` is ``ok``, ``not available`` or ``failed``."""
+
+    name: str
+    title: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    blocks: list[Table | Figure | str] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def text(self, markdown: str) -> Section:
+        self.blocks.append(markdown)
+        return self
+
+    def table(self, title: str, columns: list[str], rows: list[list[Any]], note: str = "") -> Section:
+        if any(len(r) != len(columns) for r in rows):
+            raise ValueError(f"table {title!r}: every row needs {len(columns)} cells")
+        self.blocks.append(Table(title, list(columns), [list(r) for r in rows], note))
+        return self
+
+    def figure(self, title: str, path: str | Path, caption: str = "") -> Section:
+        path = Path(path)
+        if not path.is_file() or path.suffix.lower() != ".png":
+            raise ValueError(f"figure {title!r}: {path} is not a PNG file")
+        self.blocks.append(Figure(title, path, caption))
+        return self
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Cell formatting: floats to ``digits`` significant digits, None as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return fmt(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Report:
+    def __init__(self, title: str, settings: dict[str, Any] | None = None) -> None:
+        self.title = title
+        self.settings = dict(settings or {})
+        self.sections: list[Section] = []
+
+    def add(self, section: Section) -> Section:
+        self.sections.append(section)
+        return section
+
+    # -- rendering
+    def to_markdown(self, figure_dir: str = "figures") -> str:
+        out = [f"# {self.title}", ""]
+        out += [f"- **{k}**: {fmt(v)}" for k, v in self.settings.items()]
+        out += ["", "## Contents", ""]
+        for s in self.sections:
+            out.append(f"- [{s.title or s.name}](#{_slug(s.title or s.name)}) — {s.status}")
+            out += [f"  - [{b.title}](#{_slug(b.title)})" for b in s.blocks if isinstance(b, Table | Figure)]
+        for s in self.sections:
+            out += ["", f"## {s.title or s.name}", "", f"Status: **{s.status}**", ""]
+            if s.settings:
+                out += ["Settings:", ""] + [f"- {k}: {fmt(v)}" for k, v in s.settings.items()] + [""]
+            for b in s.blocks:
+                if isinstance(b, Table):
+                    out += [f"### {b.title}", "", markdown_table(b.columns, b.rows), ""]
+                    if b.note:
+                        out += [b.note, ""]
+                elif isinstance(b, Figure):
+                    out += [f"### {b.title}", "", f"![{b.title}]({figure_dir}/{b.path.name})", ""]
+                    if b.caption:
+                        out += [b.caption, ""]
+                else:
+                    out += [b, ""]
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_html(self) -> str:
+        e = html.escape
+        parts = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{e(self.title)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.25em .6em;"
+            "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
+            ".status{font-weight:bold}pre{white-space:pre-wrap}</style></head><body>",
+            f"<h1>{e(self.title)}</h1>",
+        ]
+        if self.settings:
+            parts.append(
+                "<ul>"
+                + "".join(f"<li><b>{e(k)}</b>: {e(fmt(v))}</li>" for k, v in self.settings.items())
+                + "</ul>"
+            )
+        parts.append('<h2 id="contents">Contents</h2><ul>')
+        for s in self.sections:
+            name = s.title or s.name
+            sub = "".join(
+                f'<li><a href="#{_slug(b.title)}">{e(b.title)}</a></li>'
+                for b in s.blocks
+                if isinstance(b, Table | Figure)
+            )
+            parts.append(
+                f'<li><a href="#{_slug(name)}">{e(name)}</a> — {e(s.status)}'
+                + (f"<ul>{sub}</ul>" if sub else "")
+                + "</li>"
+            )
+        parts.append("</ul>")
+        for s in self.sections:
+            name = s.title or s.name
+            parts.append(f'<h2 id="{_slug(name)}">{e(name)}</h2>')
+            parts.append(f'<p class="status">Status: {e(s.status)}</p>')
+            if s.settings:
+                parts.append(
+                    "<p>Settings:</p><ul>"
+                    + "".join(f"<li>{e(str(k))}: {e(fmt(v))}</li>" for k, v in s.settings.items())
+                    + "</ul>"
+                )
+            for b in s.blocks:
+                if isinstance(b, Table):
+                    parts.append(
+                        f'<h3 id="{_slug(b.title)}">{e(b.title)}</h3><table><thead><tr>'
+                        + "".join(f"<th>{e(fmt(c))}</th>" for c in b.columns)
+                        + "</tr></thead><tbody>"
+                    )
+                    parts += ["<tr>" + "".join(f"<td>{e(fmt(v))}</td>" for v in r) + "</tr>" for r in b.rows]
+                    parts.append("</tbody></table>")
+                    if b.note:
+                        parts.append(f"<p>{e(b.note)}</p>")
+                elif isinstance(b, Figure):
+                    data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+                    parts.append(
+                        f'<h3 id="{_slug(b.title)}">{e(b.title)}</h3>'
+                        f'<img alt="{e(b.title)}" src="data:image/png;base64,{data}">'
+                    )
+                    if b.caption:
+                        parts.append(f"<p>{e(b.caption)}</p>")
+                else:
+                    parts.append(f"<pre>{e(b)}</pre>")
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "settings": to_jsonable(self.settings),
+            "sections": {
+                s.name: {
+                    "status": s.status,
+                    "settings": to_jsonable(s.settings),
+                    "results": to_jsonable(s.results),
+                    "tables": [
+                        to_jsonable({"title": b.title, "columns": b.columns, "rows": b.rows})
+                        for b in s.blocks
+                        if isinstance(b, Table)
+                    ],
+                }
+                for s in self.sections
+            },
+        }
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``report.md`` (with ``figures/``), ``report.html`` (self-contained) and ``results.json``."""
+        out = Path(out_dir)
+        fig_dir = out / "figures"
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        seen: dict[str, Path] = {}
+        for s in self.sections:
+            for b in s.blocks:
+                if isinstance(b, Figure):
+                    name = b.path.name
+                    if name in seen and seen[name] != b.path.resolve():
+                        name = f"{s.name}-{name}"
+                    target = fig_dir / name
+                    if b.path.resolve() != target.resolve():
+                        shutil.copyfile(b.path, target)
+                    seen[name] = b.path.resolve()
+                    b.path = target
+        return {
+            "md": atomic_write_text(out / "report.md", self.to_markdown()),
+            "html": atomic_write_text(out / "report.html", self.to_html()),
+            "json": atomic_write_json(out / "results.json", self.results()),
+        }
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
