@@ -1,0 +1,1 @@
+"""FedLD on Flower: margin control, principal-gradient aggregation, baselines, medical-image experiments."""
