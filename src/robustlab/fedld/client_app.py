@@ -1,0 +1,372 @@
+"""The FedLD ``ClientApp`` (Flower Message API): local training for every method, local evaluation.
+
+One generic ClientApp serves every strategy in :mod:`robustlab.fedld.strategies`: the strategy writes the
+local algorithm into the round's ``ConfigRecord`` and the client follows it.
+
+Training config keys (all optional except the data keys; defaults are the paper's):
+
+=====================  ======================================================================
+``lr``                 SGD learning rate (0.01); a new optimiser every round, as the official code
+``momentum``           0.5
+``weight-decay``       5e-4
+``batch-size``         50
+``local-epochs``       1
+``margin-lambda``      λ of FedLD's margin control; 0 means plain cross-entropy
+``proximal-mu``        FedProx μ; 0 means no proximal term
+``local-algorithm``    ``sgd`` | ``scaffold`` | ``moon``
+``local-keys``         FedBN: state entries kept on the client (its BatchNorm)
+``moon-mu/moon-tau``   MOON weight and temperature
+``dataset`` ...        the task (see :class:`robustlab.fedld.task.TaskSpec.from_config`)
+=====================  ======================================================================
+
+Per-client state lives in ``context.state`` (SCAFFOLD's ``c_i``, MOON's previous local model, FedBN's
+local BatchNorm). When the config names a ``client-state-dir`` (the simulation experiments do) the state is
+also written there after every round, keyed by partition and round, so a killed and resumed simulation
+continues with the same client state.
+
+The partition comes from the node config: ``partition-id`` and ``num-partitions`` (set automatically by the
+simulation engine; passed with ``--node-config`` to ``flower-supernode`` in a real deployment; a real
+deployment may also pass ``data-dir``).
+
+Fault injection (for testing deployments): ``fault-partition`` (int), ``fault-kind`` (``raise`` or
+``sleep``), ``fault-seconds`` and ``fault-rounds`` (list of rounds; empty = every round) make that client
+raise or stall, to check that a round survives a failed or slow client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from robustlab.fedld.strategies import SCAFFOLD_C, SCAFFOLD_DC
+from robustlab.fedld.task import Task, TaskSpec, load_task
+from robustlab.runs import atomic_write_bytes
+
+app = ClientApp()
+
+DEFAULTS: dict[str, Any] = {
+    "lr": 0.01,
+    "momentum": 0.5,
+    "weight-decay": 5e-4,
+    "batch-size": 50,
+    "local-epochs": 1,
+    "margin-lambda": 0.0,
+    "proximal-mu": 0.0,
+    "local-algorithm": "sgd",
+    "moon-mu": 1.0,
+    "moon-tau": 0.5,
+}
+
+STATE_KEYS = ("scaffold-ci", "moon-prev", "fedbn-local")
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by ``fault-kind = raise``."""
+
+
+def _cfg(config: Mapping[str, Any], key: str) -> Any:
+    return config[key] if key in config else DEFAULTS[key]
+
+
+def client_seed(seed: int, server_round: int, partition_id: int, purpose: str = "train") -> int:
+    """A 63-bit seed for one client in one round, from the run seed (resume gives the same numbers)."""
+    blob = f"{seed}/{server_round}/{partition_id}/{purpose}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def _maybe_fault(config: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+    if int(config.get("fault-partition", -1)) != partition_id:
+        return
+    rounds = list(config.get("fault-rounds", []) or [])
+    if rounds and server_round not in rounds:
+        return
+    kind = str(config.get("fault-kind", "raise"))
+    if kind == "raise":
+        raise InjectedFault(f"injected fault on partition {partition_id} in round {server_round}")
+    if kind == "sleep":
+        time.sleep(float(config.get("fault-seconds", 30.0)))
+
+
+# --------------------------------------------------------------------------- client state
+
+
+def _state_path(config: Mapping[str, Any], partition_id: int, server_round: int) -> Path | None:
+    d = config.get("client-state-dir")
+    return Path(str(d)) / f"p{partition_id}_r{server_round}.npz" if d else None
+
+
+def _enter_cell(context: Context, config: Mapping[str, Any]) -> None:
+    """One simulation may train several (method, seed) cells in turn: drop the previous cell's state."""
+    cell = str(config.get("cell", ""))
+    marker = context.state.get("cell")
+    if marker is None or marker.get("id") != cell:  # type: ignore[union-attr]
+        for k in STATE_KEYS:
+            if k in context.state:
+                del context.state[k]
+        context.state["cell"] = ConfigRecord({"id": cell})
+
+
+def _load_state(context: Context, config: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+    """Restore this client's state from disk after a restart (only when context.state has none)."""
+    _enter_cell(context, config)
+    if any(k in context.state for k in STATE_KEYS) or server_round <= 1:
+        return
+    path = _state_path(config, partition_id, server_round - 1)
+    if path is None or not path.exists():
+        return
+    with np.load(path) as z:
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for name in z.files:
+            group, key = name.split("::", 1)
+            groups.setdefault(group, {})[key] = z[name]
+    for group, arrays in groups.items():
+        context.state[group] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
+
+
+def _save_state(context: Context, config: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+    path = _state_path(config, partition_id, server_round)
+    if path is None:
+        return
+    flat = {}
+    for group in STATE_KEYS:
+        if group in context.state:
+            for k, v in context.state[group].items():  # type: ignore[union-attr]
+                flat[f"{group}::{k}"] = v.numpy()
+    if not flat:
+        return
+    buf = io.BytesIO()
+    np.savez(buf, **flat)
+    atomic_write_bytes(path, buf.getvalue())
+    old = _state_path(config, partition_id, server_round - 2)
+    if old is not None and old.exists():
+        old.unlink(missing_ok=True)
+
+
+def _record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _split_incoming(arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    model_sd, control = {}, {}
+    for k, v in arrays.items():
+        t = torch.from_numpy(np.array(v.numpy(), copy=True))
+        if k.startswith(SCAFFOLD_C):
+            control[k[len(SCAFFOLD_C) :]] = t
+        else:
+            model_sd[k] = t
+    return model_sd, control
+
+
+def _load_global(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], context: Context, local_keys: list[str]
+) -> None:
+    if local_keys and "fedbn-local" in context.state:
+        local = _record_to_tensors(context.state["fedbn-local"])  # type: ignore[arg-type]
+        state = {**state, **{k: v for k, v in local.items() if k in state}}
+    model.load_state_dict(state, strict=True)
+
+
+def local_train(
+    task: Task,
+    model: torch.nn.Module,
+    indices: np.ndarray,
+    config: Mapping[str, Any],
+    seed: int,
+    context: Context | None = None,
+    control: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Run the configured local algorithm on ``task.x_train[indices]``; returns the training record.
+
+    The model is modified in place. Returns ``{"loss": mean training loss, "steps": K, "scaffold-dc":
+    {...} (SCAFFOLD only)}``. ``context`` carries the per-client state (SCAFFOLD ``c_i``, MOON's previous
+    model); without one, state starts fresh.
+    """
+    from robustlab.fedld.losses import (
+        fedprox_term,
+        margin_control_loss,
+        moon_contrastive_loss,
+        scaffold_correction_term,
+    )
+
+    lr = float(_cfg(config, "lr"))
+    algorithm = str(_cfg(config, "local-algorithm"))
+    lam = float(_cfg(config, "margin-lambda"))
+    mu = float(_cfg(config, "proximal-mu"))
+    batch = int(_cfg(config, "batch-size"))
+    epochs = int(_cfg(config, "local-epochs"))
+    if algorithm not in ("sgd", "scaffold", "moon"):
+        raise ValueError(f"unknown local-algorithm {algorithm!r}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    global_params = [p.detach().clone() for p in params]
+    global_model = None
+    prev_model = None
+    if algorithm == "moon":
+        import copy
+
+        global_model = copy.deepcopy(model).eval()
+        prev_model = copy.deepcopy(model).eval()
+        if context is not None and "moon-prev" in context.state:
+            prev_model.load_state_dict(_record_to_tensors(context.state["moon-prev"]))  # type: ignore[arg-type]
+        for p in (*global_model.parameters(), *prev_model.parameters()):
+            p.requires_grad_(False)
+    c_global = c_local = None
+    if algorithm == "scaffold":
+        c_global = [
+            control[n] if control and n in control else torch.zeros_like(p)
+            for n, p in zip(names, params, strict=True)
+        ]
+        if context is not None and "scaffold-ci" in context.state:
+            ci = _record_to_tensors(context.state["scaffold-ci"])  # type: ignore[arg-type]
+            c_local = [ci[n] for n in names]
+        else:
+            c_local = [torch.zeros_like(p) for p in params]
+
+    opt = torch.optim.SGD(
+        params,
+        lr=lr,
+        momentum=float(_cfg(config, "momentum")),
+        weight_decay=float(_cfg(config, "weight-decay")),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = task.x_train, task.y_train
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    model.train()
+    steps, total_loss = 0, 0.0
+    for _ in range(epochs):
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        for start in range(0, len(order), batch):
+            b = order[start : start + batch]
+            x, y = x_all[b], y_all[b]
+            if algorithm == "moon":
+                z, logits = task.features_and_logits(model, x)
+            else:
+                logits = model(x)
+            loss = (
+                margin_control_loss(logits, y, lam)
+                if lam > 0
+                else torch.nn.functional.cross_entropy(logits, y)
+            )
+            if mu > 0:
+                loss = loss + fedprox_term(params, global_params, mu)
+            if algorithm == "scaffold":
+                loss = loss + scaffold_correction_term(params, c_global, c_local)
+            if algorithm == "moon":
+                assert global_model is not None and prev_model is not None
+                with torch.no_grad():
+                    z_glob, _ = task.features_and_logits(global_model, x)
+                    z_prev, _ = task.features_and_logits(prev_model, x)
+                loss = loss + float(_cfg(config, "moon-mu")) * moon_contrastive_loss(
+                    z, z_glob, z_prev, float(_cfg(config, "moon-tau"))
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            total_loss += float(loss.detach())
+    out: dict[str, Any] = {"loss": total_loss / max(steps, 1), "steps": steps}
+    if algorithm == "scaffold" and steps > 0:
+        from robustlab.fedld.aggregation import scaffold_control_update
+
+        delta = {n: (p.detach() - g).numpy() for n, p, g in zip(names, params, global_params, strict=True)}
+        c_new = scaffold_control_update(
+            {n: c.numpy() for n, c in zip(names, c_local, strict=True)},  # type: ignore[arg-type]
+            {n: c.numpy() for n, c in zip(names, c_global, strict=True)},  # type: ignore[arg-type]
+            delta,
+            steps,
+            lr,
+        )
+        out["scaffold-dc"] = {
+            n: (c_new[n] - c.numpy()).astype(np.float32)
+            for n, c in zip(names, c_local, strict=True)  # type: ignore[arg-type]
+        }
+        if context is not None:
+            context.state["scaffold-ci"] = ArrayRecord({n: Array(c_new[n].astype(np.float32)) for n in names})
+    if algorithm == "moon" and context is not None:
+        context.state["moon-prev"] = ArrayRecord(
+            {k: Array(v.detach().numpy().copy()) for k, v in model.state_dict().items()}
+        )
+    return out
+
+
+def _task_for(msg: Message, context: Context) -> tuple[Task, dict[str, Any], int]:
+    config = dict(msg.content["config"]) if "config" in msg.content else {}
+    spec = TaskSpec.from_config(config, context.node_config)
+    return load_task(spec), config, int(context.node_config["partition-id"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the received global model; replies with the local model and metrics."""
+    torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
+    task, config, pid = _task_for(msg, context)
+    server_round = int(config.get("server-round", 1))
+    _maybe_fault(config, pid, server_round)
+    _load_state(context, config, pid, server_round)
+    model_sd, control = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
+    local_keys = [str(k) for k in config.get("local-keys", [])]
+    torch.manual_seed(client_seed(task.spec.seed, server_round, pid, "init"))
+    model = task.build_model()
+    _load_global(model, model_sd, context, local_keys)
+    record = local_train(
+        task,
+        model,
+        task.partitions[pid],
+        config,
+        client_seed(task.spec.seed, server_round, pid),
+        context=context,
+        control=control,
+    )
+    state = model.state_dict()
+    if local_keys:
+        context.state["fedbn-local"] = ArrayRecord(
+            {k: Array(state[k].detach().numpy().copy()) for k in local_keys}
+        )
+    arrays = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in state.items()})
+    for k, v in record.get("scaffold-dc", {}).items():
+        arrays[SCAFFOLD_DC + k] = Array(v)
+    _save_state(context, config, pid, server_round)
+    metrics = MetricRecord(
+        {
+            "num-examples": len(task.partitions[pid]),
+            "train-loss": float(record["loss"]),
+            "local-steps": int(record["steps"]),
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model (FedBN: with this client's BatchNorm) on the client's test part."""
+    torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
+    task, config, pid = _task_for(msg, context)
+    server_round = int(config.get("server-round", 1))
+    _load_state(context, config, pid, server_round + 1)
+    model_sd, _ = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
+    model = task.build_model()
+    _load_global(model, model_sd, context, [str(k) for k in config.get("local-keys", [])])
+    idx = task.test_partitions[pid]
+    result = task.evaluate(model, task.x_test[idx], task.y_test[idx])
+    metrics = MetricRecord(
+        {
+            "num-examples": len(idx),
+            "accuracy": float(result["accuracy"]),
+            "loss": float(result["loss"]),
+            "partition-id": pid,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
