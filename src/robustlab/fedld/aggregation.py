@@ -35,10 +35,10 @@ from robustlab.errors import UserError
 
 Deltas = Sequence[Mapping[str, np.ndarray]]
 
-# Columns per block when the m x m Gram matrix and the final combination are accumulated, so that the
-# float64 working set stays at about _BLOCK_BYTES however large a tensor is (an 11M-parameter tensor
-# with 50 clients would otherwise need a 4.4 GB float64 copy).
-_BLOCK_BYTES = 32 * 2**20
+# Columns per block when the m x m Gram matrix is accumulated, so that the float64 working set stays at
+# about _BLOCK_BYTES (cache-sized) however large a tensor is (an 11M-parameter tensor with 50 clients
+# would otherwise need a 4.4 GB float64 copy).
+_BLOCK_BYTES = 2 * 2**20
 
 # Eigenvalues of the Gram matrix at or below this multiple of machine epsilon times lambda_max * m are
 # treated as zero (their directions are dropped): below it an eigenvector is rounding noise.
@@ -146,8 +146,10 @@ def _mean_flat(flats: Sequence[np.ndarray], weights: np.ndarray | None = None) -
     return out
 
 
-def _gram(flats: Sequence[np.ndarray], scale: float) -> np.ndarray:
-    """m x m Gram matrix of the clients' flattened deltas divided by ``scale``, in float64, blockwise."""
+def _gram(flats: Sequence[np.ndarray], scale: float | None = None) -> np.ndarray:
+    """m x m Gram matrix of the clients' flattened deltas, in float64, blockwise; with ``scale`` the
+    deltas are divided by it first (each block, so squares of huge or tiny entries neither overflow nor
+    underflow)."""
     m = len(flats)
     d = flats[0].size
     gram = np.zeros((m, m), dtype=np.float64)
@@ -158,17 +160,21 @@ def _gram(flats: Sequence[np.ndarray], scale: float) -> np.ndarray:
         b = block[:, : stop - start]
         for i, f in enumerate(flats):
             b[i] = f[start:stop]
-        b /= scale
-        gram += b @ b.T
+        if scale is not None:
+            b /= scale
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # checked by the caller
+            gram += b @ b.T
     return gram
 
 
 def _combine(flats: Sequence[np.ndarray], coef: np.ndarray) -> np.ndarray:
-    """sum_i coef_i * flats_i in float64."""
+    """sum_i coef_i * flats_i in float64 (one float64 temporary, no per-client copies)."""
     out = np.zeros(flats[0].size, dtype=np.float64)
+    tmp = np.empty_like(out)
     for c, f in zip(coef, flats, strict=True):
         if c != 0.0:
-            out += float(c) * f.astype(np.float64, copy=False)
+            np.multiply(f, np.float64(c), out=tmp)  # a float64 scalar promotes float32 data to float64
+            out += tmp
     return out
 
 
@@ -187,7 +193,7 @@ def num_principal_directions(num_clients: int, k_proportion: float = 0.8) -> int
     return max(1, int(num_clients * k_proportion))
 
 
-def _principal_flat(flats: Sequence[np.ndarray], k: int, scale: float) -> np.ndarray | None:
+def _principal_flat(flats: Sequence[np.ndarray], k: int, key: str) -> np.ndarray | None:
     """FedLD's closed form for one tensor, or ``None`` when the tensor is degenerate (caller: mean).
 
     With G the m x d matrix of client deltas, C = G Gᵀ = U Λ Uᵀ (Λ descending), v_j = Gᵀu_j/√λ_j the right
@@ -197,15 +203,22 @@ def _principal_flat(flats: Sequence[np.ndarray], k: int, scale: float) -> np.nda
         a = Σ_{j<k} [ (λ_j/Σλ) · (1/m) Σ_i ‖Δ_i‖ sign(⟨Δ_i, v_j⟩) / √λ_j ] u_j,
 
     and ⟨Δ_i, v_j⟩ = (C u_j)_i / √λ_j, so only the Gram matrix touches the d-dimensional data: cost
-    O(m² d) for C plus O(m d) for Gᵀa, memory O(m · block) beyond the inputs. G is divided by its largest
-    |entry| first (the result is 1-homogeneous in G), so huge or tiny magnitudes neither overflow nor
-    underflow the Gram matrix.
+    O(m² d) for C plus O(m d) for Gᵀa, memory O(m · block) beyond the inputs. When the raw Gram matrix
+    over- or underflows (entries beyond about 1e±150), it is recomputed with G divided by its largest
+    |entry|; ``a`` is invariant to that scaling (the result is 1-homogeneous in G). A NaN/inf in the
+    deltas shows up as a non-finite Gram matrix and raises ``UserError`` naming the client.
     """
     m = len(flats)
     d = flats[0].size
-    if m < 2 or d < 2 or not scale > 0.0:
+    if m < 2 or d < 2:
         return None
-    gram = _gram(flats, scale)
+    gram = _gram(flats)
+    peak = float(np.max(np.diag(gram)))
+    if not (np.all(np.isfinite(gram)) and peak > 1e-250):
+        scale = _max_abs(flats, key)  # raises UserError on NaN/inf input
+        if not scale > 0.0:
+            return None  # all zero
+        gram = _gram(flats, scale)
     gram = 0.5 * (gram + gram.T)
     lam, vecs = np.linalg.eigh(gram)
     lam = lam[::-1].copy()
@@ -226,7 +239,7 @@ def _principal_flat(flats: Sequence[np.ndarray], k: int, scale: float) -> np.nda
     c = weights * (norms @ signs) / m / np.sqrt(lam[:kk])
     a = u @ c  # ḡ/scale = (G/scale)ᵀ a, hence ḡ = Gᵀ a with the unscaled deltas
     out = _combine(flats, a)
-    if not np.all(np.isfinite(out)):
+    if not (np.isfinite(out.max()) and np.isfinite(out.min())):  # NaN propagates through max/min
         return None
     return out
 
@@ -283,13 +296,14 @@ def principal_gradient_aggregate(
         dtype = _out_dtype(arrays)
         shape = arrays[0].shape
         flats = [a.reshape(-1) for a in arrays]
-        scale = _max_abs(flats, key)  # raises on NaN/inf with the client's index
         gated = history is not None and (key not in history or not np.any(np.asarray(history[key])))
         agg = None
         if not gated and not _is_integer(dtype):
-            agg = _principal_flat(flats, k, scale)
+            agg = _principal_flat(flats, k, key)
         if agg is None:
             agg = _mean_flat(flats)
+            if not (np.isfinite(agg.max(initial=0.0)) and np.isfinite(agg.min(initial=0.0))):
+                _max_abs(flats, key)  # names the client that sent NaN/inf
         out[key] = _cast_back(agg, dtype, shape)
     return out
 
@@ -353,8 +367,8 @@ def gradient_harmonize(
     a negative inner product remove from each delta its component along the other (PCGrad, with the
     official ε = 1e-7 in the denominators), and replace the pair by the sum. Repeat on the sums until two
     remain; harmonise those (the official code corrects the second along the already projected first,
-    scaled by the original inner product) and divide their sum by m. Without history for a key (the first round) the result is the plain mean,
-    as in the official code. No sample weights are used.
+    scaled by the original inner product) and divide their sum by m. Without history for a key (the
+    first round) the result is the plain mean, as in the official code. No sample weights are used.
 
     Deviations: one client returns its delta (official: ``assert False``); integer/boolean tensors get
     the rounded mean; ties in the projection are broken by client order (torch leaves them unspecified).
