@@ -215,6 +215,7 @@ def _run_batch(
     S = np.empty((H, B), dtype=np.intp)
     Aa = np.empty((H, B), dtype=np.intp)
     uniform_pi = np.full((H, B, n, A), 1.0 / A)
+    rho_B = np.tile(m.rho, (B, 1))
     U = None
     t_lb = None
 
@@ -234,18 +235,19 @@ def _run_batch(
             pi = uniform_pi
 
         # 2. occupancy (exact, forward) -> expected features per layer
-        q = np.broadcast_to(m.rho, (B, n))
+        q = rho_B
         for h in range(H):
             np.multiply(q[:, :, None], pi[h], out=wq[h])
             np.matmul(wq[h].reshape(B, nA), m.PhiF[h], out=phibar[h])
             if h < H - 1:
                 q = phibar[h] @ m.mu[h]
         if losses.adaptive:
-            theta_k = adaptive_theta(phibar)  # (H, B, d)
+            theta_k = adaptive_theta(phibar)  # (H, B, d): one loss per seed
+            exp_loss += np.einsum("hbd,hbd->b", phibar, theta_k)
+            theta_sum += theta_k.transpose(1, 0, 2)
         else:
-            theta_k = np.broadcast_to(losses.theta[k][:, None, :], (H, B, d))
-        exp_loss += np.einsum("hbd,hbd->b", phibar, theta_k)
-        theta_sum += theta_k.transpose(1, 0, 2)
+            theta_k = losses.theta[k]  # (H, d): shared by every seed
+            exp_loss += np.einsum("hbd,hd->b", phibar, theta_k)
 
         # 3. one real trajectory of pi_k (bandit feedback)
         s = np.minimum(np.searchsorted(m.rho_cum, u[0], side="right"), n - 1)
@@ -258,12 +260,12 @@ def _run_batch(
             if h < H - 1:
                 s = (u[2 * h + 2][:, None] > m.Pcum[h, s, a]).sum(-1)
         feats = m.phi[h_idx, S, Aa]  # (H, B, d)
-        ell = np.einsum("hbd,hbd->hb", feats, theta_k)
+        ell = np.einsum("hbd,hbd->hb" if losses.adaptive else "hbd,hd->hb", feats, theta_k)
         real_loss += ell.sum(0)
 
         if ckpts[ci] == k + 1:
             curve_learner[ci] = exp_loss
-            curve_theta[ci] = theta_sum
+            curve_theta[ci] = theta_sum if losses.adaptive else losses.theta[: k + 1].sum(0)
             ci += 1
             if ci == len(ckpts):
                 ci -= 1
@@ -274,7 +276,7 @@ def _run_batch(
         if spec.estimator == "exact_q":
             V = np.zeros((B, n))
             for h in reversed(range(H)):
-                w_h = theta_k[h] + (V @ m.muT[h] if h < H - 1 else 0.0)
+                w_h = theta_k[h] + (V @ m.muT[h] if h < H - 1 else np.zeros((B, d)))
                 Qh = (w_h @ m.PhiFT[h]).reshape(B, n, A)
                 C[h] += Qh
                 V = (pi[h] * Qh).sum(-1)

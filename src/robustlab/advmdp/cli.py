@@ -1,0 +1,118 @@
+"""``robustlab advmdp``: regret experiments on exactly specified adversarial linear MDPs.
+
+Imports stay light here (numpy and the library load inside the commands).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from robustlab.errors import UserError
+
+app = typer.Typer(
+    help="Refined-regret algorithms for adversarial linear MDPs (Dai, Luo, Wei, Zimmert, ICML 2023).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _parse_constants(text: str | None) -> dict[str, list[float]]:
+    """``alg2=30:0.1,alg1=10:0.1`` -> {"alg2": [30, 0.1], ...}."""
+    out: dict[str, list[float]] = {}
+    if not text:
+        return out
+    for part in text.split(","):
+        try:
+            name, vals = part.split("=")
+            ce, cb = vals.split(":")
+            out[name.strip()] = [float(ce), float(cb)]
+        except ValueError as exc:
+            raise UserError(f"cannot parse --constants part {part!r}", "use NAME=c_eta:c_beta,...") from exc
+    return out
+
+
+@app.command()
+def regret(
+    instance: str = typer.Option(
+        "standard", help="standard | small | lock | path to an .npz (phi, mu, rho)."
+    ),
+    instance_seed: int = typer.Option(0, help="Seed of the random instance."),
+    losses: str = typer.Option(
+        "stochastic", help="stochastic | switching | needle | adaptive | path to .npy theta (K,H,d)."
+    ),
+    loss_seed: int = typer.Option(0, help="Seed of the (oblivious) loss sequence."),
+    algorithms: str = typer.Option("alg1,alg2,luo21,fullinfo", help="Comma-separated algorithm names."),
+    K: str = typer.Option("1000,3000,10000", "--K", help="Comma-separated numbers of episodes."),
+    seeds: int = typer.Option(10, help="Learner seeds per cell."),
+    seed: int = typer.Option(0, help="First learner seed (seeds are seed..seed+N-1)."),
+    mode: str = typer.Option("oracle", help="oracle (exact covariance, for scaling) | simulator (rollouts)."),
+    constants: str = typer.Option(None, help="Override constants: NAME=c_eta:c_beta,..."),
+    gamma: float = typer.Option(None, help="Override every schedule's gamma (must be > 0)."),
+    workers: int = typer.Option(1, help="Worker processes (cells run in parallel)."),
+    out: Path = typer.Option(None, help="Run folder [default: runs/advmdp/regret-<instance>-<losses>]."),
+) -> None:
+    """Regret of each algorithm on a K grid x seeds; resumable per cell; writes summary.json and regret.png."""
+    from robustlab.advmdp.experiment import RegretConfig, parse_int_list, run_regret, validate
+
+    cfg = RegretConfig(
+        instance=instance,
+        instance_seed=instance_seed,
+        losses=losses,
+        loss_seed=loss_seed,
+        algorithms=[a.strip() for a in algorithms.split(",") if a.strip()],
+        K=parse_int_list(K, "--K"),
+        seeds=seeds,
+        seed=seed,
+        mode=mode,
+        constants=_parse_constants(constants),
+        gamma=gamma,
+        workers=workers,
+    )
+    validate(cfg)  # every check before the run folder exists
+    target = out or Path("runs") / "advmdp" / f"regret-{Path(instance).stem}-{Path(losses).stem}"
+    run_regret(cfg, target, echo=typer.echo)
+
+
+@app.command()
+def tune(
+    algorithms: str = typer.Option("alg1,alg2,luo21,fullinfo", help="Comma-separated algorithm names."),
+    c_eta: str = typer.Option("3,10,30,100", help="Grid of c_eta."),
+    c_beta: str = typer.Option("0.03,0.1,0.3", help="Grid of c_beta."),
+    K: int = typer.Option(10_000, "--K", help="Pilot number of episodes."),
+    seeds: int = typer.Option(2, help="Seeds per grid point."),
+    instance_seed: int = typer.Option(1, help="Pilot instance seed (must differ from the evaluation seed)."),
+    workers: int = typer.Option(1, help="Worker processes."),
+    out: Path = typer.Option(Path("runs/advmdp/tune"), help="Run folder."),
+) -> None:
+    """Choose (c_eta, c_beta) per algorithm on a pilot instance; freeze them before measuring slopes."""
+    from robustlab.advmdp.algorithms import get_spec
+    from robustlab.advmdp.experiment import tune_constants
+
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    for a in names:
+        get_spec(a)
+    try:
+        ce = [float(x) for x in c_eta.split(",")]
+        cb = [float(x) for x in c_beta.split(",")]
+    except ValueError as exc:
+        raise UserError("grids must be comma-separated numbers", "e.g. --c-eta 3,10,30") from exc
+    if K <= 0:
+        raise UserError(f"K must be positive, got {K}", "pass --K 10000")
+    if seeds < 1 or workers < 1 or min(ce) <= 0 or min(cb) < 0:
+        raise UserError("seeds and workers must be >= 1, c_eta > 0, c_beta >= 0", "fix the options")
+    tune_constants(names, out, ce, cb, K, seeds, instance_seed, workers=workers, echo=typer.echo)
+
+
+@app.command("algorithms")
+def list_algorithms() -> None:
+    """List the algorithms with their regulariser, estimator, bonus and rate."""
+    from robustlab.advmdp.algorithms import ALGORITHMS
+
+    for spec in ALGORITHMS.values():
+        typer.echo(
+            f"{spec.name:10s} {spec.title}  [reg={spec.regularizer}, est={spec.estimator}, "
+            f"bonus={spec.bonus}, rate {spec.rate}, c_eta={spec.c_eta}, c_beta={spec.c_beta}]"
+        )

@@ -1,0 +1,423 @@
+"""Regret experiments: algorithms x K grid x seeds, resumable per cell, summary with log-log slopes.
+
+A cell is one (algorithm, K) pair; all seeds of a cell run batched in one process (the engine advances
+them together). Cells are spread over worker processes. Each finished cell is saved in the run folder's
+``cells/``, so rerunning the same command resumes. ``summary.json`` holds, per algorithm, ``K``,
+``regret_mean``, ``regret_ci95`` (bootstrap over seeds), ``slope`` (least-squares slope of log mean regret
+against log K over the whole grid) and ``slope_ci95`` (bootstrap over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from robustlab.advmdp.algorithms import ALGORITHM_NAMES, MODES, get_spec, run_algorithm, with_constants
+from robustlab.advmdp.losses import LOSS_SEQUENCES, LossSequence, make_losses
+from robustlab.advmdp.mdp import LinearMDP
+from robustlab.errors import UserError
+
+INSTANCES = ("standard", "small", "lock")
+STANDARD = {"horizon": 5, "n_states": 20, "n_actions": 5, "dim": 8}
+
+# Constants (c_eta, c_beta) chosen once by `robustlab advmdp tune` on the PILOT instance (standard shape,
+# instance seed 1, K = 1e4, stochastic + switching losses) and frozen; the evaluation instance is seed 0.
+FROZEN_CONSTANTS: dict[str, tuple[float, float]] = {}
+PILOT_INSTANCE_SEED = 1
+
+
+def make_instance(name: str, seed: int = 0) -> LinearMDP:
+    """``standard`` (H=5, n=20, A=5, d=8), ``small`` (H=3, n=6, A=3, d=4), ``lock`` (combination lock,
+    H=6, A=4), or a path to an ``.npz`` file with arrays ``phi``, ``mu``, ``rho`` (optional ``theta_mean``)."""
+    if name == "standard":
+        return LinearMDP.random(**STANDARD, seed=seed)
+    if name == "small":
+        return LinearMDP.random(3, 6, 3, 4, seed=seed)
+    if name == "lock":
+        return LinearMDP.combination_lock(6, 4, seed=seed)
+    path = Path(name)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UserError(f"instance file {path} does not exist", "pass an existing .npz file")
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("phi", "mu", "rho") if k not in z]
+            if missing:
+                raise UserError(
+                    f"instance file {path} lacks arrays {', '.join(missing)}", "save phi, mu, rho"
+                )
+            tm = z.get("theta_mean", None)
+            return LinearMDP(z["phi"], z["mu"], z["rho"], tm, name=str(path))
+    raise UserError(f"unknown instance {name!r}", f"choose from {', '.join(INSTANCES)} or pass a .npz file")
+
+
+def make_loss_sequence(name: str, mdp: LinearMDP, K: int, seed: int = 0) -> LossSequence:
+    """A named sequence (see :mod:`robustlab.advmdp.losses`) or a ``.npy`` file of theta ``(K, H, d)``."""
+    path = Path(name)
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise UserError(f"loss file {path} does not exist", "pass an existing .npy file")
+        theta = np.load(path, allow_pickle=False)
+        if theta.ndim != 3:
+            raise UserError(f"loss file {path} must hold theta of shape (K, H, d), got {theta.shape}")
+        mdp.check_theta(theta, f"losses in {path}")
+        if theta.shape[0] < K:
+            raise UserError(f"loss file {path} has {theta.shape[0]} episodes, fewer than K={K}", "lower --K")
+        return LossSequence(str(path), theta.shape[0], theta.astype(float))
+    return make_losses(name, mdp, K, seed)
+
+
+@dataclass
+class RegretConfig:
+    instance: str = "standard"
+    instance_seed: int = 0
+    losses: str = "stochastic"
+    loss_seed: int = 0
+    algorithms: list[str] = field(default_factory=lambda: ["alg1", "alg2", "luo21", "fullinfo"])
+    K: list[int] = field(default_factory=lambda: [1000, 3000, 10000, 30000, 100000])
+    seeds: int = 10
+    seed: int = 0  # learner seeds are seed, seed+1, ..., seed+seeds-1
+    mode: str = "oracle"
+    constants: dict[str, list[float]] = field(default_factory=dict)  # name -> [c_eta, c_beta]
+    gamma: float | None = None  # overrides every schedule's gamma when given
+    workers: int = 1
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(float(x)) for x in str(text).split(",") if x.strip()]
+    except ValueError as exc:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}", "e.g. 1000,3000") from exc
+    if not vals:
+        raise UserError(f"{what} is empty", "give at least one value")
+    return vals
+
+
+def validate(cfg: RegretConfig) -> tuple[LinearMDP, LossSequence]:
+    """Check every input and build the instance and the loss sequence (before anything is written)."""
+    for a in cfg.algorithms:
+        if a not in ALGORITHM_NAMES:
+            raise UserError(f"unknown algorithm {a!r}", f"choose from {', '.join(ALGORITHM_NAMES)}")
+        if a == "alg3":
+            raise UserError("alg3 is not implemented in this version", "leave alg3 out of --algorithms")
+    if not cfg.algorithms:
+        raise UserError("no algorithms given", "pass --algorithms alg1,alg2,...")
+    bad = [k for k in cfg.K if k <= 0]
+    if bad:
+        raise UserError(f"K must be positive, got {bad[0]}", "pass --K with values >= 1")
+    if cfg.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {cfg.seeds}", "pass --seeds 10")
+    if cfg.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {cfg.workers}", "pass --workers 2")
+    if cfg.mode not in MODES:
+        raise UserError(f"unknown mode {cfg.mode!r}", f"choose from {', '.join(MODES)}")
+    if cfg.gamma is not None and (not math.isfinite(cfg.gamma) or cfg.gamma <= 0):
+        raise UserError(f"gamma must be > 0, got {cfg.gamma}", "pass a positive --gamma or leave it out")
+    if not (cfg.losses in LOSS_SEQUENCES or cfg.losses.endswith(".npy")):
+        raise UserError(
+            f"unknown loss sequence {cfg.losses!r}", f"choose from {', '.join(LOSS_SEQUENCES)} or a .npy"
+        )
+    for name, c in cfg.constants.items():
+        if name not in ALGORITHM_NAMES or len(c) != 2 or c[0] <= 0 or c[1] < 0:
+            raise UserError(
+                f"bad constants for {name!r}: {c}", "use NAME=c_eta:c_beta with c_eta > 0, c_beta >= 0"
+            )
+    mdp = make_instance(cfg.instance, cfg.instance_seed)
+    losses = make_loss_sequence(cfg.losses, mdp, max(cfg.K), cfg.loss_seed)
+    return mdp, losses
+
+
+def algorithm_params(cfg: RegretConfig, name: str, K: int, mdp: LinearMDP):
+    spec = get_spec(name)
+    c = cfg.constants.get(name) or FROZEN_CONSTANTS.get(name)
+    if c is not None:
+        spec = with_constants(spec, *c)
+    params = spec.params(K, mdp.H, mdp.dim, mdp.n_actions)
+    if cfg.gamma is not None:
+        from dataclasses import replace
+
+        params = replace(params, gamma=float(cfg.gamma))
+    return spec, params
+
+
+def run_cell(cfg_dict: dict, name: str, K: int) -> dict:
+    """One (algorithm, K) cell with every seed; runs in a worker process."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = RegretConfig(**cfg_dict)
+    mdp = make_instance(cfg.instance, cfg.instance_seed)
+    losses = make_loss_sequence(cfg.losses, mdp, max(cfg.K), cfg.loss_seed)
+    spec, params = algorithm_params(cfg, name, K, mdp)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    res = run_algorithm(mdp, losses, spec, params, K, seeds, mode=cfg.mode)
+    out = res.to_json()
+    out["c_eta"], out["c_beta"] = spec.c_eta, spec.c_beta
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def bootstrap_mean_ci(x: np.ndarray, rng: np.random.Generator, reps: int = 2000) -> list[float]:
+    x = np.asarray(x, dtype=float)
+    if len(x) < 2:
+        return [float(x.mean()), float(x.mean())]
+    means = x[rng.integers(0, len(x), size=(reps, len(x)))].mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def loglog_slope(K: Sequence[float], mean_regret: Sequence[float]) -> float:
+    """Least-squares slope of log(mean regret) on log K (nan if a mean is not positive)."""
+    K, R = np.asarray(K, dtype=float), np.asarray(mean_regret, dtype=float)
+    if len(K) < 2 or np.any(R <= 0):
+        return float("nan")
+    return float(np.polyfit(np.log(K), np.log(R), 1)[0])
+
+
+def summarise(cells: dict[int, dict], rng: np.random.Generator, reps: int = 2000) -> dict:
+    """Per-algorithm summary from its cells {K: cell}."""
+    Ks = sorted(cells)
+    regs = [np.asarray(cells[k]["regret"], dtype=float) for k in Ks]
+    means = [float(r.mean()) for r in regs]
+    slope = loglog_slope(Ks, means)
+    boots = []
+    for _ in range(reps):
+        m = [r[rng.integers(0, len(r), len(r))].mean() for r in regs]
+        boots.append(loglog_slope(Ks, m))
+    boots = np.array(boots)
+    boots = boots[np.isfinite(boots)]
+    ci = (
+        [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+        if len(boots) > reps // 2
+        else [float("nan")] * 2
+    )
+    return {
+        "K": Ks,
+        "regret_mean": means,
+        "regret_ci95": [bootstrap_mean_ci(r, rng, reps) for r in regs],
+        "regret_per_episode": [m / k for m, k in zip(means, Ks, strict=True)],
+        "slope": slope,
+        "slope_ci95": ci,
+        "realized_regret_mean": [float(np.mean(cells[k]["realized_regret"])) for k in Ks],
+        "simulator_calls_mean": [float(np.mean(cells[k]["simulator_calls"])) for k in Ks],
+        "episodes_per_second": [cells[k]["episodes_per_second"] for k in Ks],
+        "params": {str(k): cells[k]["params"][0] for k in Ks},
+        "c_eta": cells[Ks[0]].get("c_eta"),
+        "c_beta": cells[Ks[0]].get("c_beta"),
+        "seeds": len(regs[0]),
+    }
+
+
+# ----------------------------------------------------------------------------- plots and table
+
+
+def plot_regret(summary: dict, path: Path, title: str = "") -> Path:
+    from robustlab.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax, ax2 = axes
+    allK = sorted({k for s in summary["algorithms"].values() for k in s["K"]})
+    for name, s in summary["algorithms"].items():
+        K = np.array(s["K"], dtype=float)
+        m = np.array(s["regret_mean"])
+        lo = np.array([c[0] for c in s["regret_ci95"]])
+        hi = np.array([c[1] for c in s["regret_ci95"]])
+        label = f"{name} (slope {s['slope']:.2f})" if np.isfinite(s["slope"]) else name
+        (line,) = ax.plot(K, np.clip(m, 1e-3, None), "o-", label=label)
+        ax.fill_between(
+            K, np.clip(lo, 1e-3, None), np.clip(hi, 1e-3, None), alpha=0.2, color=line.get_color()
+        )
+        ax2.plot(K, m / K, "o-", color=line.get_color(), label=name)
+    if allK:
+        k0 = allK[0]
+        ref = max(min(s["regret_mean"][0] for s in summary["algorithms"].values()), 1e-3)
+        ks = np.array([allK[0], allK[-1]], dtype=float)
+        for p, style in ((0.5, ":"), (2 / 3, "--"), (1.0, "-.")):
+            ax.plot(ks, ref * (ks / k0) ** p, "k" + style, lw=0.8, alpha=0.6, label=f"K^{p:.2g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (episodes)")
+    ax.set_ylabel("expected regret (mean, 95% CI)")
+    ax.legend(fontsize=7)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("K (episodes)")
+    ax2.set_ylabel("regret per episode")
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list]]:
+    allK = sorted({k for s in summary["algorithms"].values() for k in s["K"]})
+    cols = ["algorithm", *[f"R(K={k:g})" for k in allK], "slope", "slope 95% CI"]
+    rows = []
+    for name, s in summary["algorithms"].items():
+        by = dict(zip(s["K"], s["regret_mean"], strict=True))
+        ci = s["slope_ci95"]
+        rows.append(
+            [
+                name,
+                *[round(by[k], 1) if k in by else None for k in allK],
+                round(s["slope"], 3),
+                f"[{ci[0]:.3f}, {ci[1]:.3f}]",
+            ]
+        )
+    return cols, rows
+
+
+def format_table(summary: dict) -> str:
+    cols, rows = table_rows(summary)
+    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(str(c).rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def run_regret(cfg: RegretConfig, out: str | Path, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the grid, write summary.json and regret.png, return the summary."""
+    from robustlab.runs import RunDir, cell_key, track
+
+    mdp, _ = validate(cfg)
+    config = asdict(cfg)
+    keys = [k for k in config if k != "workers"]
+    run = RunDir.open(out, config, seed=cfg.seed, resume_keys=keys)
+    todo = [(a, k) for a in cfg.algorithms for k in cfg.K if not run.is_done(cell_key(algorithm=a, K=k))]
+    # big cells first so that the workers finish together
+    todo.sort(key=lambda t: -t[1])
+    if todo:
+        echo(
+            f"{len(todo)} cells to run ({len(cfg.algorithms) * len(cfg.K) - len(todo)} already done) on {cfg.workers} worker(s)"
+        )
+    if cfg.workers == 1:
+        for a, k in track(todo, "cells"):
+            res = run_cell(config, a, k)
+            run.save(cell_key(algorithm=a, K=k), res)
+            run.log(algorithm=a, K=k, regret_mean=float(np.mean(res["regret"])), seconds=res["seconds"])
+    elif todo:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+            futs = {pool.submit(run_cell, config, a, k): (a, k) for a, k in todo}
+            for f in track(as_completed(futs), "cells", total=len(futs)):
+                a, k = futs[f]
+                res = f.result()
+                run.save(cell_key(algorithm=a, K=k), res)
+                run.log(algorithm=a, K=k, regret_mean=float(np.mean(res["regret"])), seconds=res["seconds"])
+    rng = np.random.default_rng([cfg.seed, 99])
+    summary = {
+        "instance": mdp.name,
+        "losses": cfg.losses,
+        "mode": cfg.mode,
+        "seeds": cfg.seeds,
+        "slope_fit": "least squares of log mean regret on log K over every K in the grid",
+        "algorithms": {
+            a: summarise({k: run.load(cell_key(algorithm=a, K=k)) for k in cfg.K}, rng)
+            for a in cfg.algorithms
+        },
+    }
+    plot_regret(
+        summary,
+        Path(out) / "regret.png",
+        f"{mdp.name}, {cfg.losses} losses, {cfg.mode} mode, {cfg.seeds} seeds",
+    )
+    run.write_summary(summary)
+    echo(format_table(summary))
+    echo(f"summary: {Path(out) / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- constant selection
+
+
+def tune_constants(
+    algorithms: Sequence[str],
+    out: str | Path,
+    c_eta_grid: Sequence[float] = (1, 3, 10, 30, 100, 300),
+    c_beta_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
+    K: int = 10_000,
+    seeds: int = 3,
+    instance_seed: int = PILOT_INSTANCE_SEED,
+    loss_names: Sequence[str] = ("stochastic", "switching"),
+    workers: int = 1,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Choose (c_eta, c_beta) per algorithm on the pilot instance: the grid point with the lowest mean
+    regret at K, averaged over the loss sequences and seeds. The whole grid runs as one batch per
+    (algorithm, loss sequence). Writes ``constants.json``; freeze the result before measuring slopes."""
+    from robustlab.runs import RunDir, cell_key
+
+    for a in algorithms:
+        get_spec(a)
+    config = {
+        "algorithms": list(algorithms),
+        "c_eta_grid": list(c_eta_grid),
+        "c_beta_grid": list(c_beta_grid),
+        "K": K,
+        "seeds": seeds,
+        "instance_seed": instance_seed,
+        "losses": list(loss_names),
+    }
+    run = RunDir.open(out, config, seed=instance_seed)
+    jobs = [
+        (a, ln) for a in algorithms for ln in loss_names if not run.is_done(cell_key(algorithm=a, losses=ln))
+    ]
+    if workers > 1 and jobs:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futs = {pool.submit(_tune_job, config, a, ln): (a, ln) for a, ln in jobs}
+            for f in as_completed(futs):
+                a, ln = futs[f]
+                run.save(cell_key(algorithm=a, losses=ln), f.result())
+                echo(f"tuned {a} on {ln}")
+    else:
+        for a, ln in jobs:
+            run.save(cell_key(algorithm=a, losses=ln), _tune_job(config, a, ln))
+            echo(f"tuned {a} on {ln}")
+    chosen = {}
+    for a in algorithms:
+        tables = [run.load(cell_key(algorithm=a, losses=ln)) for ln in loss_names]
+        grid = tables[0]["grid"]
+        score = np.mean([t["mean_regret"] for t in tables], axis=0)
+        i = int(np.argmin(score))
+        chosen[a] = {
+            "c_eta": grid[i][0],
+            "c_beta": grid[i][1],
+            "pilot_mean_regret": float(score[i]),
+            "grid": grid,
+            "scores": score.tolist(),
+        }
+        echo(f"{a}: c_eta={grid[i][0]}, c_beta={grid[i][1]} (pilot mean regret {score[i]:.1f} at K={K})")
+    result = {
+        "pilot_instance_seed": instance_seed,
+        "K": K,
+        "seeds": seeds,
+        "losses": list(loss_names),
+        "chosen": chosen,
+    }
+    run.write_summary(result)
+    Path(out, "constants.json").write_text(
+        json.dumps({a: [c["c_eta"], c["c_beta"]] for a, c in chosen.items()}, indent=2)
+    )
+    return result
+
+
+def _tune_job(config: dict, name: str, loss_name: str) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mdp = make_instance("standard", config["instance_seed"])
+    losses = make_losses(loss_name, mdp, config["K"], seed=0)
+    spec = get_spec(name)
+    cb_grid = config["c_beta_grid"] if spec.bonus or name in ("expweights", "lbnobonus") else [0.0]
+    grid = [(ce, cb) for ce in config["c_eta_grid"] for cb in cb_grid]
+    params, seeds = [], []
+    for ce, cb in grid:
+        for s in range(config["seeds"]):
+            params.append(spec.schedule(config["K"], mdp.H, mdp.dim, mdp.n_actions, ce, cb))
+            seeds.append(1000 + s)
+    res = run_algorithm(mdp, losses, spec, params, config["K"], seeds)
+    reg = np.asarray(res.regret).reshape(len(grid), config["seeds"]).mean(1)
+    return {"grid": grid, "mean_regret": reg.tolist(), "seconds": res.seconds}

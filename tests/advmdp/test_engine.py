@@ -1,0 +1,111 @@
+"""The vectorised engine against independent implementations: the per-state Python-loop reference
+(benchmarks/advmdp_speed.py), exact DP for the uniform policy and for full-information PO, and the
+simulator mode against the oracle mode."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustlab.advmdp import exact
+from robustlab.advmdp.algorithms import Params, get_spec, run_algorithm
+from robustlab.advmdp.ftrl import hedge
+from robustlab.advmdp.losses import make_losses
+from robustlab.advmdp.mdp import LinearMDP
+from robustlab.errors import UserError
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "advmdp_speed.py"
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location("advmdp_speed", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.loop_reference
+
+
+@pytest.fixture(scope="module")
+def small():
+    mdp = LinearMDP.random(3, 4, 3, 4, seed=7)
+    return mdp, make_losses("stochastic", mdp, 200, seed=3)
+
+
+@pytest.mark.parametrize("name", ["alg1", "alg2", "alg2clip", "luo21", "fullinfo", "expweights", "uniform"])
+def test_engine_matches_per_state_loop_reference(small, name):
+    mdp, losses = small
+    spec = get_spec(name)
+    params = spec.params(2000, mdp.H, mdp.dim, mdp.n_actions)
+    K = 25
+    ref_total, _ = load_reference()(mdp, losses.theta, spec, params, K, seed=4)
+    res = run_algorithm(mdp, losses, spec, params, K, [4, 5])
+    comp = exact.comparator_value(mdp, losses.theta[:K].sum(0))
+    assert res.regret[0] == pytest.approx(ref_total - comp, rel=1e-6, abs=1e-6)
+    # batching does not change a seed's result
+    alone = run_algorithm(mdp, losses, spec, params, K, [5])
+    assert alone.regret[0] == pytest.approx(res.regret[1], rel=1e-9, abs=1e-9)
+
+
+def test_uniform_regret_is_exact(small):
+    mdp, losses = small
+    K = 120
+    res = run_algorithm(mdp, losses, get_spec("uniform"), Params(0.0), K, [0])
+    pi = np.full((mdp.H, mdp.n_states, mdp.n_actions), 1 / mdp.n_actions)
+    ref = exact.expected_regret(mdp, np.broadcast_to(pi, (K, *pi.shape)), losses.theta[:K])
+    assert res.regret[0] == pytest.approx(ref, rel=1e-10)
+    # prefix curve
+    for c, r in zip(res.checkpoints, res.regret_curve[:, 0], strict=True):
+        assert r == pytest.approx(
+            exact.expected_regret(mdp, np.broadcast_to(pi, (c, *pi.shape)), losses.theta[:c]),
+            rel=1e-9,
+            abs=1e-9,
+        )
+
+
+def test_fullinfo_matches_independent_policy_optimisation(small):
+    mdp, losses = small
+    K, eta = 60, 0.3
+    C = np.zeros((mdp.H, mdp.n_states, mdp.n_actions))
+    pols = []
+    for k in range(K):
+        pi = hedge(C, eta)
+        pols.append(pi)
+        _, Q = exact.policy_evaluation(mdp, pi, mdp.loss_table(losses.theta[k]))
+        C += Q
+    ref = exact.expected_regret(mdp, np.array(pols), losses.theta[:K])
+    res = run_algorithm(mdp, losses, get_spec("fullinfo"), Params(eta), K, [0, 1])
+    assert np.allclose(res.regret, ref, rtol=1e-9)  # full information: no learner randomness in pi_k
+
+
+def test_realized_regret_tracks_pseudo_regret(small):
+    mdp, losses = small
+    res = run_algorithm(mdp, losses, get_spec("uniform"), Params(0.0), 200, list(range(30)))
+    diff = res.realized_regret - res.regret
+    assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(len(diff)) + 1e-9
+
+
+def test_simulator_mode_agrees_with_oracle_mode(small):
+    mdp, losses = small
+    spec = get_spec("alg2")
+    K = 150
+    params = spec.params(K, mdp.H, mdp.dim, mdp.n_actions)
+    seeds = list(range(6))
+    ora = run_algorithm(mdp, losses, spec, params, K, seeds, mode="oracle")
+    sim = run_algorithm(mdp, losses, spec, params, K, seeds, mode="simulator")
+    assert np.all(sim.simulator_calls > 0) and np.all(ora.simulator_calls == 0)
+    se = np.sqrt(ora.regret.var(ddof=1) / len(seeds) + sim.regret.var(ddof=1) / len(seeds))
+    assert abs(sim.regret.mean() - ora.regret.mean()) <= 4 * se + 0.05 * abs(ora.regret.mean())
+
+
+def test_bad_parameters_raise_user_errors(small):
+    mdp, losses = small
+    spec = get_spec("alg2")
+    with pytest.raises(UserError, match="gamma"):
+        run_algorithm(mdp, losses, spec, Params(0.1, 0.1, 0.0), 10, [0])
+    with pytest.raises(UserError, match="K must be"):
+        run_algorithm(mdp, losses, spec, Params(0.1, 0.1, 0.1), 0, [0])
+    with pytest.raises(UserError, match="unknown algorithm"):
+        get_spec("alg9")
+    other = LinearMDP.random(3, 4, 3, 5, seed=0)
+    with pytest.raises(UserError, match="dimension mismatch"):
+        run_algorithm(other, losses, spec, Params(0.1, 0.1, 0.1), 10, [0])
