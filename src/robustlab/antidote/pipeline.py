@@ -1,0 +1,497 @@
+"""The harmful fine-tuning pipeline: align -> harmful fine-tune -> re-align (Antidote) -> evaluate.
+
+Every stage writes its result into the run folder and is skipped on a rerun::
+
+    <out>/config.yaml env.json metrics.jsonl summary.json cells/
+    <out>/stages/aligned/            the base with the alignment adapter merged (or the fully aligned model)
+    <out>/stages/finetuned/          the fine-tuning adapter (LoRA) or the fine-tuned model (full)
+    <out>/stages/realigned-<method>-<ratio>/   pruned adapter/model + realign_mask.safetensors + realign.json
+    <out>/results.md  <out>/tradeoff.png
+
+The mask-ratio sweep computes the Wanda scores once (on the unpruned fine-tuned model) and derives every
+ratio's masks from them. Optional controls at the same ratios: ``random`` pruning and ``benign``
+calibration (Wanda on benign rows of the task that are outside the fine-tuning mix).
+
+Stage ``method`` keys select a registered training method (:data:`robustlab.antidote.train.STAGE_METHODS`;
+``sft`` today), so alignment-stage and fine-tuning-stage defences plug in without changing this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robustlab.antidote.data import BENIGN_TASKS
+from robustlab.antidote.train import ALIGN_DEFAULTS, FINETUNE_DEFAULTS, STAGE_METHODS, TrainConfig
+from robustlab.errors import UserError
+
+JUDGES = ("refusal", "embedding", "beaverdam")
+REALIGN_METHODS = ("wanda", "magnitude", "random")
+CONTROLS = ("random", "benign", "magnitude")
+
+
+@dataclass
+class StageConfig:
+    """A training stage: ``method`` (registered in ``STAGE_METHODS``), ``skip`` and the training settings."""
+
+    method: str = "sft"
+    skip: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class RealignConfig:
+    method: str = "wanda"
+    mask_ratios: list[float] = field(default_factory=lambda: [0.1])  # the SST-2 default α
+    targets: Any = "auto"
+    controls: list[str] = field(default_factory=list)
+    batch_size: int = 8
+    max_length: int = 2048
+    save_models: bool = True
+
+
+@dataclass
+class EvalConfig:
+    judges: list[str] = field(default_factory=lambda: ["refusal"])
+    max_new_tokens_harmful: int = 512
+    max_new_tokens_task: int = 200
+    batch_size: int = 16
+    max_prompt: int = 1024
+    max_length: int = 1024
+
+
+@dataclass
+class DataConfig:
+    """Slices (paper defaults: n=5000, p=0.2, 5000 alignment rows, 2000 re-alignment pairs, 1000 prompts)."""
+
+    data_dir: str | None = None
+    task: str = "sst2"
+    n: int = 5000
+    harmful_ratio: float = 0.2
+    n_align: int = 5000
+    n_realign: int = 2000
+    n_heldout: int = 200
+    n_eval_harmful: int = 1000
+    n_eval_task: int | None = None
+    align_with_refusals: bool = True
+    align_with_safe_pairs: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    base: str = ""
+    trust_remote_code: bool = False
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    align: StageConfig = field(default_factory=lambda: StageConfig(train=dataclasses.replace(ALIGN_DEFAULTS)))
+    finetune: StageConfig = field(
+        default_factory=lambda: StageConfig(train=dataclasses.replace(FINETUNE_DEFAULTS))
+    )
+    realign: RealignConfig = field(default_factory=RealignConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- config loading
+
+
+def _from_dict(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"{where or 'config'} must be a mapping, got {type(values).__name__}", "fix the YAML")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(
+            f"unknown config key(s): {', '.join(prefix + k for k in unknown)}",
+            f"allowed{' under ' + where if where else ''}: {', '.join(fields)}",
+        )
+    kwargs = {}
+    default = cls()
+    for name, value in values.items():
+        current = getattr(default, name)
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _from_dict(type(current), value, sub)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then ``overrides`` (same nesting). Unknown keys are a ``UserError``."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found", "pass an existing YAML file to --config")
+        try:
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {p} is not valid YAML ({exc})", "fix the YAML syntax") from exc
+    merged = _merge(values, overrides or {})
+    cfg = _from_dict(PipelineConfig, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Check every setting before anything is written."""
+    from robustlab.antidote.realign import validate_mask_ratio
+
+    if not cfg.base:
+        raise UserError("no base model given", "set base: <local folder or hub id> in the config")
+    if cfg.data.task not in BENIGN_TASKS:
+        raise UserError(f"unknown task {cfg.data.task!r}", f"choose from {', '.join(BENIGN_TASKS)}")
+    if not 0 <= cfg.data.harmful_ratio <= 1:
+        raise UserError(f"harmful_ratio {cfg.data.harmful_ratio} is outside [0, 1]", "use e.g. 0.2")
+    for stage in ("align", "finetune"):
+        sc: StageConfig = getattr(cfg, stage)
+        if sc.method not in STAGE_METHODS:
+            raise UserError(
+                f"unknown {stage} method {sc.method!r}", f"choose from {', '.join(STAGE_METHODS)}"
+            )
+        sc.train.validate()
+    if not cfg.realign.mask_ratios:
+        raise UserError("realign.mask_ratios is empty", "give at least one ratio, e.g. [0.1]")
+    cfg.realign.mask_ratios = [validate_mask_ratio(r) for r in cfg.realign.mask_ratios]
+    if cfg.realign.method not in REALIGN_METHODS:
+        raise UserError(f"unknown realign method {cfg.realign.method!r}", f"use {', '.join(REALIGN_METHODS)}")
+    bad = [c for c in cfg.realign.controls if c not in CONTROLS]
+    if bad:
+        raise UserError(f"unknown control(s) {', '.join(bad)}", f"choose from {', '.join(CONTROLS)}")
+    bad = [j for j in cfg.evaluate.judges if j not in JUDGES]
+    if bad:
+        raise UserError(f"unknown judge(s) {', '.join(bad)}", f"choose from {', '.join(JUDGES)}")
+    if cfg.data.data_dir not in (None, "hub") and not Path(cfg.data.data_dir).is_dir():
+        raise UserError(f"data folder {cfg.data.data_dir} does not exist", "fix data.data_dir")
+    base = Path(cfg.base).expanduser()
+    looks_local = cfg.base.startswith((".", "/", "~")) or base.exists()
+    if looks_local and not (base / "config.json").is_file():
+        raise UserError(f"base model folder {base} not found or has no config.json", "fix base in the config")
+
+
+def make_judges(
+    names: list[str], data_dir: Any = None, cache: Path | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Judges by name. The embedding judge is trained on BeaverTails ``is_safe`` labels (held-out agreement
+    recorded in ``<cache>/embedding_judge.json``) and cached there."""
+    from robustlab.antidote import judges as J
+
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "refusal":
+            out[name] = J.RefusalJudge()
+        elif name == "embedding":
+            path = cache / "embedding_judge.json" if cache else None
+            if path is not None and path.is_file():
+                out[name] = J.EmbeddingJudge.load(path)
+            else:
+                judge, report = J.train_embedding_judge(None if data_dir == "hub" else data_dir, seed=seed)
+                if path is not None:
+                    judge.save(path)
+                    from robustlab.runs import atomic_write_json
+
+                    atomic_write_json(path.with_name("embedding_judge_report.json"), report)
+                out[name] = judge
+        else:
+            out[name] = J.BeaverDamJudge()
+    return out
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _save(model: Any, tokenizer: Any, folder: Path) -> None:
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline into ``out``; returns the summary (also in ``summary.json``)."""
+    import copy
+
+    from robustlab.antidote.data import build_harmful_finetuning
+    from robustlab.antidote.evaluate import EvalSettings, evaluate_model
+    from robustlab.antidote.models import load_model
+    from robustlab.antidote.realign import (
+        apply_masks,
+        calibration_batches,
+        calibration_hash,
+        magnitude_scores,
+        masks_for_ratios,
+        random_scores,
+        resolve_targets,
+        save_realigned,
+        wanda_scores,
+    )
+    from robustlab.antidote.train import stage_method
+    from robustlab.runs import RunDir, cell_key, seed_everything
+
+    validate(cfg)
+    data = build_harmful_finetuning(
+        task=cfg.data.task,
+        n=cfg.data.n,
+        harmful_ratio=cfg.data.harmful_ratio,
+        n_align=cfg.data.n_align,
+        n_realign=cfg.data.n_realign,
+        n_heldout=cfg.data.n_heldout,
+        n_eval_harmful=cfg.data.n_eval_harmful,
+        n_eval_task=cfg.data.n_eval_task,
+        align_with_refusals=cfg.data.align_with_refusals,
+        align_with_safe_pairs=cfg.data.align_with_safe_pairs,
+        data_dir=cfg.data.data_dir,
+        seed=cfg.seed,
+    )
+    run = RunDir.open(out, asdict(cfg), seed=cfg.seed)
+    stages = run.path / "stages"
+    stages.mkdir(exist_ok=True)
+    seed_everything(cfg.seed)
+    judges = make_judges(cfg.evaluate.judges, cfg.data.data_dir, run.path, cfg.seed)
+    ev = cfg.evaluate
+    settings = EvalSettings(
+        ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
+    )
+
+    def evaluate(model: Any, tokenizer: Any) -> dict:
+        t = time.perf_counter()
+        m = evaluate_model(
+            model,
+            tokenizer,
+            cfg.data.task,
+            data.eval_harmful,
+            data.eval_task,
+            data.heldout_harmful,
+            judges,
+            settings,
+        )
+        m["eval_seconds"] = round(time.perf_counter() - t, 2)
+        return m
+
+    def record(key: str, meta: dict, compute: Any) -> dict:
+        if run.is_done(key):
+            return run.load(key)
+        t = time.perf_counter()
+        row = {**meta, **compute()}
+        row.setdefault("seconds", round(time.perf_counter() - t, 2))
+        run.save(key, row)
+        run.log(**{k: v for k, v in row.items() if not str(k).startswith("samples")})
+        return row
+
+    # 1. alignment -------------------------------------------------------------------------------------
+    aligned_dir = stages / "aligned"
+    if cfg.align.skip:
+        aligned_src = cfg.base
+    else:
+        aligned_src = str(aligned_dir)
+        if not run.is_done(cell_key(stage="align")):
+            echo("align: training")
+            model, tokenizer = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code)
+            tcfg = dataclasses.replace(cfg.align.train, seed=cfg.seed)
+            model, res = stage_method(cfg.align.method)(model, tokenizer, data.alignment, tcfg)
+            if tcfg.mode == "lora":
+                model = model.merge_and_unload()  # the official code merges the alignment adapter first
+            _save(model, tokenizer, aligned_dir)
+            run.save(
+                cell_key(stage="align"),
+                {"steps": res.steps, "loss_last": res.losses[-1], "seconds": res.seconds},
+            )
+            run.log(stage="align", steps=res.steps, loss_last=res.losses[-1], seconds=res.seconds)
+    model, tokenizer = load_model(aligned_src, trust_remote_code=cfg.trust_remote_code)
+    rows = [
+        record(
+            cell_key(stage="eval", point="aligned"),
+            {"stage": "aligned", "ratio": 0.0},
+            lambda: evaluate(model, tokenizer),
+        )
+    ]
+
+    # 2. harmful fine-tuning ---------------------------------------------------------------------------
+    ft_dir = stages / "finetuned"
+    ft = cfg.finetune
+    if not run.is_done(cell_key(stage="finetune")):
+        echo("finetune: training")
+        tcfg = dataclasses.replace(ft.train, seed=cfg.seed)
+        ft_model, res = stage_method(ft.method)(copy.deepcopy(model), tokenizer, data.finetune, tcfg)
+        _save(ft_model, tokenizer, ft_dir)
+        run.save(
+            cell_key(stage="finetune"),
+            {"steps": res.steps, "loss_last": res.losses[-1], "seconds": res.seconds},
+        )
+        run.log(stage="finetune", steps=res.steps, loss_last=res.losses[-1], seconds=res.seconds)
+        del ft_model
+    if ft.train.mode == "lora":
+        ft_model, tokenizer = load_model(
+            aligned_src, adapter=str(ft_dir), trust_remote_code=cfg.trust_remote_code
+        )
+    else:
+        ft_model, tokenizer = load_model(str(ft_dir), trust_remote_code=cfg.trust_remote_code)
+    rows.append(
+        record(
+            cell_key(stage="eval", point="finetuned"),
+            {"stage": "finetuned", "ratio": 0.0},
+            lambda: evaluate(ft_model, tokenizer),
+        )
+    )
+
+    # 3. re-alignment: one score computation per method, every ratio from it ----------------------------
+    rc = cfg.realign
+    resolve_targets(ft_model, rc.targets)  # an unknown target fails here, before any scoring
+    methods = [("antidote", rc.method), *[(c, c) for c in rc.controls]]
+    todo = [
+        (label, r)
+        for label, _ in methods
+        for r in rc.mask_ratios
+        if not run.is_done(cell_key(stage="eval", point=label, ratio=r))
+    ]
+    if todo:
+        snapshot = {k: v.detach().clone() for k, v in ft_model.state_dict().items()}
+        for label, method in methods:
+            ratios = [r for lab, r in todo if lab == label]
+            if not ratios:
+                continue
+            ft_model.load_state_dict(snapshot)  # scores always come from the unpruned fine-tuned model
+            t = time.perf_counter()
+            texts = data.benign_calibration if label == "benign" else data.realign
+            batches = None
+            if method in ("wanda", "benign"):
+                batches = calibration_batches(
+                    tokenizer, [e.text for e in texts], rc.batch_size, rc.max_length
+                )
+                scores = wanda_scores(ft_model, batches, rc.targets)
+            elif method == "magnitude":
+                scores = magnitude_scores(ft_model, rc.targets)
+            else:
+                scores = random_scores(ft_model, rc.targets, cfg.seed)
+            score_seconds = time.perf_counter() - t
+            run.log(stage="scores", method=label, seconds=score_seconds)
+            masks = masks_for_ratios(scores, ratios)
+            for r in ratios:
+                ft_model.load_state_dict(snapshot)
+                counts = apply_masks(ft_model, masks[r])
+                if rc.save_models:
+                    from robustlab.antidote.realign import RealignResult
+
+                    res = RealignResult(
+                        masks=masks[r],
+                        counts=counts,
+                        sizes={n: int(m.numel()) for n, m in masks[r].items()},
+                        mask_ratio=r,
+                        method=method if method != "benign" else "wanda",
+                        targets=list(masks[r]),
+                        seed=cfg.seed,
+                    )
+                    save_realigned(
+                        ft_model,
+                        res,
+                        stages / f"realigned-{label}-{r:g}",
+                        calibration_digest=calibration_hash(batches) if batches else None,
+                        tokenizer=tokenizer,
+                        extra={"calibration": label},
+                    )
+                record(
+                    cell_key(stage="eval", point=label, ratio=r),
+                    {
+                        "stage": label,
+                        "ratio": r,
+                        "zeroed": sum(counts.values()),
+                        "score_seconds": score_seconds,
+                    },
+                    lambda: evaluate(ft_model, tokenizer),
+                )
+        ft_model.load_state_dict(snapshot)
+    rows += [
+        run.load(cell_key(stage="eval", point=label, ratio=r)) for label, _ in methods for r in rc.mask_ratios
+    ]
+
+    # 4. table and plot --------------------------------------------------------------------------------
+    table = results_table(rows, cfg.evaluate.judges)
+    (run.path / "results.md").write_text(table + "\n", encoding="utf-8")
+    plot = tradeoff_plot(rows, cfg.evaluate.judges[0], run.path / "tradeoff.png")
+    summary = {
+        "rows": [{k: v for k, v in r.items() if not str(k).startswith("samples")} for r in rows],
+        "table": table,
+        "plot": str(plot),
+    }
+    run.write_summary(summary)
+    return summary
+
+
+def results_table(rows: list[dict], judges: list[str]) -> str:
+    from robustlab.report import markdown_table
+
+    cols = [
+        "stage",
+        "α",
+        *[f"HS {j} %" for j in judges],
+        "FA %",
+        "NLL harmful",
+        "NLL refusal",
+        "refusal pref. %",
+    ]
+    body = [
+        [
+            r["stage"],
+            r.get("ratio") or "—",
+            *[r.get(f"hs_{j}") for j in judges],
+            r.get("fa"),
+            r.get("nll_harmful"),
+            r.get("nll_refusal"),
+            r.get("refusal_preference"),
+        ]
+        for r in rows
+    ]
+    return markdown_table(cols, body)
+
+
+def tradeoff_plot(rows: list[dict], judge: str, path: Path) -> Path:
+    """Harmful score against finetune accuracy: the aligned and fine-tuned models, and one line per
+    re-alignment method across the mask ratios."""
+    from robustlab.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    hs = f"hs_{judge}"
+    fa = lambda r: r.get("fa") if r.get("fa") is not None else float("nan")  # noqa: E731
+    base = {r["stage"]: r for r in rows if r["stage"] in ("aligned", "finetuned")}
+    for label in dict.fromkeys(r["stage"] for r in rows if r["stage"] not in ("aligned", "finetuned")):
+        pts = sorted((r for r in rows if r["stage"] == label), key=lambda r: r["ratio"])
+        if "finetuned" in base:
+            pts = [base["finetuned"], *pts]
+        ax.plot([fa(p) for p in pts], [p.get(hs) for p in pts], marker="o", label=label)
+        for p in pts[1:]:
+            ax.annotate(
+                f"{p['ratio']:g}", (fa(p), p.get(hs)), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    for name, mk in (("aligned", "*"), ("finetuned", "X")):
+        if name in base:
+            ax.scatter(
+                [fa(base[name])], [base[name].get(hs)], marker=mk, s=120, color="k", zorder=5, label=name
+            )
+    ax.set_xlabel("finetune accuracy % (↑)")
+    ax.set_ylabel(f"harmful score % ({judge} judge, ↓)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
