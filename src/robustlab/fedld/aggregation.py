@@ -168,13 +168,19 @@ def _gram(flats: Sequence[np.ndarray], scale: float | None = None) -> np.ndarray
 
 
 def _combine(flats: Sequence[np.ndarray], coef: np.ndarray) -> np.ndarray:
-    """sum_i coef_i * flats_i in float64 (one float64 temporary, no per-client copies)."""
-    out = np.zeros(flats[0].size, dtype=np.float64)
-    tmp = np.empty_like(out)
-    for c, f in zip(coef, flats, strict=True):
-        if c != 0.0:
-            np.multiply(f, np.float64(c), out=tmp)  # a float64 scalar promotes float32 data to float64
-            out += tmp
+    """sum_i coef_i * flats_i in float64, as one matrix-vector product per cache-sized column block."""
+    m = len(flats)
+    d = flats[0].size
+    out = np.empty(d, dtype=np.float64)
+    coef = np.ascontiguousarray(coef, dtype=np.float64)
+    step = _block_size(m)
+    block = np.empty((m, min(step, d)), dtype=np.float64)
+    for start in range(0, d, step):
+        stop = min(start + step, d)
+        b = block[:, : stop - start]
+        for i, f in enumerate(flats):
+            b[i] = f[start:stop]
+        np.dot(coef, b, out=out[start:stop])
     return out
 
 
