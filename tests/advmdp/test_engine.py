@@ -109,3 +109,26 @@ def test_bad_parameters_raise_user_errors(small):
     other = LinearMDP.random(3, 4, 3, 5, seed=0)
     with pytest.raises(UserError, match="dimension mismatch"):
         run_algorithm(other, losses, spec, Params(0.1, 0.1, 0.1), 10, [0])
+
+
+def test_adaptive_adversary_against_uniform_policy(small):
+    """The adaptive adversary's response to the (fixed) uniform policy is a fixed theta: regret is exact."""
+    from robustlab.advmdp.losses import adaptive_theta, make_losses
+
+    mdp, _ = small
+    K = 40
+    seq = make_losses("adaptive", mdp, K)
+    res = run_algorithm(mdp, seq, get_spec("uniform"), Params(0.0), K, [0, 1])
+    pi = np.full((mdp.H, mdp.n_states, mdp.n_actions), 1 / mdp.n_actions)
+    q = exact.occupancy(mdp, pi)
+    phibar = np.einsum("hs,hsa,hsad->hd", q, pi, mdp.phi)
+    theta = adaptive_theta(phibar)
+    ref = exact.expected_regret(
+        mdp, np.broadcast_to(pi, (K, *pi.shape)), np.broadcast_to(theta, (K, *theta.shape))
+    )
+    assert np.allclose(res.regret, ref)
+    # a learning algorithm runs against it too (per-seed losses), with finite regret
+    r2 = run_algorithm(
+        mdp, seq, get_spec("alg2"), get_spec("alg2").params(K, mdp.H, mdp.dim, mdp.n_actions), K, [0, 1]
+    )
+    assert np.all(np.isfinite(r2.regret))

@@ -290,8 +290,8 @@ def run_regret(cfg: RegretConfig, out: str | Path, echo: Callable[[str], None] =
     keys = [k for k in config if k != "workers"]
     run = RunDir.open(out, config, seed=cfg.seed, resume_keys=keys)
     todo = [(a, k) for a in cfg.algorithms for k in cfg.K if not run.is_done(cell_key(algorithm=a, K=k))]
-    # big cells first so that the workers finish together
-    todo.sort(key=lambda t: -t[1])
+    # small K first: an interrupted sweep still holds every algorithm's smaller-K cells
+    todo.sort(key=lambda t: t[1])
     if todo:
         echo(
             f"{len(todo)} cells to run ({len(cfg.algorithms) * len(cfg.K) - len(todo)} already done) on {cfg.workers} worker(s)"
