@@ -14,6 +14,11 @@ from hypothesis import strategies as st
 
 from robustlab.errors import UserError
 from robustlab.fedld.aggregation import (
+    aggregate_prototypes,
+    class_prototypes,
+    combine_heads,
+    fedpac_head_weights,
+    fedpac_statistics,
     gradient_harmonize,
     mean_delta,
     num_principal_directions,
@@ -518,3 +523,80 @@ def test_scaffold_control_updates_by_hand():
     np.testing.assert_allclose(server, [0.5 + 0.5 * 0.5, 0.5 + 0.5 * 0.5])
     with pytest.raises(UserError):
         scaffold_control_update(c_i, c, delta, num_steps=0, lr=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# FedPAC
+
+
+def simplex_qp_by_enumeration(p):
+    """Exact argmin αᵀPα on the simplex: the best feasible stationary point over every support set."""
+    import itertools
+
+    m = p.shape[0]
+    best, best_val = None, np.inf
+    for r in range(1, m + 1):
+        for support in itertools.combinations(range(m), r):
+            s = list(support)
+            try:
+                x = np.linalg.solve(p[np.ix_(s, s)], np.ones(r))
+            except np.linalg.LinAlgError:
+                continue
+            if x.sum() == 0:
+                continue
+            a_s = x / x.sum()
+            if np.any(a_s < -1e-12):
+                continue
+            a = np.zeros(m)
+            a[s] = a_s
+            val = a @ p @ a
+            if val < best_val:
+                best, best_val = a, val
+    return best
+
+
+def official_p_matrix(vars_, hs, i):
+    """The official get_head_agg_weight's P for client i, with its explicit loops (trace of outer products)."""
+    m = len(vars_)
+    num_cls, d = hs[0].shape
+    dist = np.zeros((m, m))
+    for j1 in range(m):
+        for j2 in range(j1, m):
+            h = np.zeros((d, d))
+            for k in range(num_cls):
+                h += np.outer(hs[i][k] - hs[j1][k], hs[i][k] - hs[j2][k])
+            dist[j1, j2] = dist[j2, j1] = np.trace(h)
+    return np.diag(vars_) + dist
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 6])
+def test_fedpac_head_weights_are_the_exact_qp_solution(m):
+    rng = np.random.default_rng(50 + m)
+    vars_ = rng.uniform(0.05, 1.0, size=m)
+    hs = [rng.normal(size=(4, 6)) * rng.uniform(0.2, 1.5) for _ in range(m)]
+    weights = fedpac_head_weights(vars_, hs)
+    for i in range(m):
+        p = official_p_matrix(vars_, hs, i)
+        ref = simplex_qp_by_enumeration(p)
+        ref = np.where(ref > 1e-3, ref, 0.0)
+        np.testing.assert_allclose(weights[i], ref, atol=2e-5)
+        assert weights[i][i] > 0  # a client always gives its own head weight (D[i, i] = 0)
+
+
+def test_fedpac_statistics_and_prototypes_by_hand():
+    feats = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    labels = np.array([0, 0, 1, 1])
+    v, h = fedpac_statistics(feats, labels, num_classes=3)
+    # p = (1/2, 1/2, 0); μ0 = (2, 0), μ1 = (2.5, 3.5); E‖f‖² per class: (1 + 9)/2 = 5, (4 + 50)/2 = 27
+    np.testing.assert_allclose(h, [[1.0, 0.0], [1.25, 1.75], [0.0, 0.0]])
+    expected = (0.5 * 5 - 0.25 * 4) + (0.5 * 27 - 0.25 * (2.5**2 + 3.5**2))
+    assert v == pytest.approx(expected / 4)
+    protos, sizes = class_prototypes(feats, labels)
+    np.testing.assert_allclose(protos[1], [2.5, 3.5])
+    assert sizes == {0: 2, 1: 2}
+    other = ({0: np.array([0.0, 4.0])}, {0: 6})
+    agg = aggregate_prototypes([protos, other[0]], [sizes, other[1]])
+    np.testing.assert_allclose(agg[0], (2 * np.array([2.0, 0.0]) + 6 * np.array([0.0, 4.0])) / 8)
+    np.testing.assert_allclose(agg[1], [2.5, 3.5])
+    heads = [{"w": np.array([1.0, 1.0], np.float32)}, {"w": np.array([3.0, -1.0], np.float32)}]
+    np.testing.assert_allclose(combine_heads(heads, np.array([0.3, 0.1]))["w"], [1.5, 0.5])

@@ -18,6 +18,10 @@ Functions
   means of the same deltas (FedLD behaves like an adaptive server step size; this measures it).
 - :func:`scaffold_control_update` -- SCAFFOLD option-II client control-variate update and the server's
   control update (:func:`scaffold_server_control`).
+- FedPAC (official repo's ``tools.py``): :func:`fedpac_statistics` (a client's v and h),
+  :func:`class_prototypes` / :func:`aggregate_prototypes` (global class prototypes),
+  :func:`fedpac_head_weights` (the per-client classifier-combination QP, solved with scipy instead of
+  cvxpy) and :func:`combine_heads`.
 
 Numerical policy (all functions): arithmetic in float64; the result is cast back to the dtype of the
 clients' arrays (``np.result_type`` over clients); integer and boolean tensors (``num_batches_tracked``)
@@ -578,3 +582,135 @@ def scaffold_server_control(
         k: np.asarray(c_global[k], dtype=np.float64) + frac * np.asarray(mean[k], dtype=np.float64)
         for k in mean
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# FedPAC (Xu et al., ICLR 2023), as the official FedLD repo computes it (``tools.py``, ``methods/fedpac.py``)
+
+
+def fedpac_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, np.ndarray]:
+    """A client's feature statistics for FedPAC's classifier collaboration (``statistics_extraction``).
+
+    With p_k the client's label frequencies, μ_k the mean feature of class k and n_k its count:
+    ``h[k] = p_k · μ_k`` (a ``(num_classes, d)`` matrix, zero rows for absent classes) and
+    ``v = Σ_k [ p_k · tr(F_kᵀF_k)/n_k − p_k² · ‖μ_k‖² ] / N`` (the official code divides by the client's
+    data size N).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if f.ndim != 2 or f.shape[0] != y.shape[0] or f.shape[0] == 0:
+        raise UserError(
+            f"fedpac_statistics needs (N, d) features and N labels, got {f.shape} and {y.shape}",
+            "pass the model's representations of the client's training samples",
+        )
+    n = f.shape[0]
+    h = np.zeros((num_classes, f.shape[1]))
+    v = 0.0
+    for k in range(num_classes):
+        fk = f[y == k]
+        if fk.shape[0] == 0:
+            continue
+        pk = fk.shape[0] / n
+        mu = fk.mean(axis=0)
+        h[k] = pk * mu
+        v += pk * float(np.sum(fk * fk)) / fk.shape[0] - pk * pk * float(mu @ mu)
+    return v / n, h
+
+
+def class_prototypes(
+    features: np.ndarray, labels: np.ndarray
+) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Mean feature per class present (FedPAC's local prototypes) and the class counts."""
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    protos: dict[int, np.ndarray] = {}
+    sizes: dict[int, int] = {}
+    for k in np.unique(y):
+        mask = y == k
+        protos[int(k)] = f[mask].mean(axis=0)
+        sizes[int(k)] = int(mask.sum())
+    return protos, sizes
+
+
+def aggregate_prototypes(
+    local_protos: Sequence[Mapping[int, np.ndarray]], local_sizes: Sequence[Mapping[int, int]]
+) -> dict[int, np.ndarray]:
+    """Global prototypes: per class, the class-count-weighted mean of the clients' prototypes
+    (official ``protos_aggregation``)."""
+    total: dict[int, np.ndarray] = {}
+    count: dict[int, float] = {}
+    for protos, sizes in zip(local_protos, local_sizes, strict=True):
+        for label, proto in protos.items():
+            w = float(sizes[label])
+            total[label] = total.get(label, 0.0) + w * np.asarray(proto, dtype=np.float64)
+            count[label] = count.get(label, 0.0) + w
+    return {label: total[label] / count[label] for label in sorted(total) if count[label] > 0}
+
+
+def _simplex_qp(p: np.ndarray) -> np.ndarray:
+    """argmin αᵀPα subject to α >= 0, Σα = 1 (P symmetric PSD), by SLSQP from the uniform point."""
+    from scipy.optimize import minimize
+
+    m = p.shape[0]
+    res = minimize(
+        lambda a: float(a @ p @ a),
+        np.full(m, 1.0 / m),
+        jac=lambda a: 2.0 * (p @ a),
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * m,
+        constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1.0, "jac": lambda a: np.ones_like(a)}],
+        options={"ftol": 1e-14, "maxiter": 500},
+    )
+    alpha = np.clip(res.x, 0.0, None)
+    return alpha / alpha.sum()
+
+
+def fedpac_head_weights(
+    variances: Sequence[float], hs: Sequence[np.ndarray], eps: float = 1e-3
+) -> list[np.ndarray | None]:
+    """FedPAC's classifier-collaboration weights (official ``get_head_agg_weight``), one vector per client.
+
+    For client i: P = diag(v) + D with D[j1, j2] = Σ_k ⟨h_i[k] − h_j1[k], h_i[k] − h_j2[k]⟩, and
+    α_i = argmin αᵀPα over the probability simplex; weights below ``eps`` are set to 0 (not renormalised,
+    as in the official code; :func:`combine_heads` normalises). If P is not PSD it is rebuilt from its
+    eigenpairs with eigenvalue >= 0.01 (official); if that fails too the entry is ``None`` (the client
+    keeps its own head). The official code solves the QP with cvxpy; here scipy's SLSQP solves it (the
+    tests check it against an exact active-set enumeration).
+    """
+    v = np.asarray(variances, dtype=np.float64).reshape(-1)
+    m = v.size
+    if m == 0 or len(hs) != m:
+        raise UserError(
+            f"fedpac_head_weights got {m} variances and {len(hs)} statistics", "pass one per client"
+        )
+    flat = np.stack([np.asarray(h, dtype=np.float64).reshape(-1) for h in hs])
+    out: list[np.ndarray | None] = []
+    for i in range(m):
+        diff = flat[i][None, :] - flat  # row j: h_i - h_j
+        p = np.diag(v) + diff @ diff.T
+        p = 0.5 * (p + p.T)
+        lam, vec = np.linalg.eigh(p)
+        if lam.min() < 0:
+            keep = lam >= 0.01
+            p = (vec[:, keep] * lam[keep]) @ vec[:, keep].T
+            if np.linalg.eigvalsh(0.5 * (p + p.T)).min() < -1e-12 * max(1.0, abs(lam).max()):
+                out.append(None)
+                continue
+        alpha = _simplex_qp(p)
+        out.append(np.where(alpha > eps, alpha, 0.0))
+    return out
+
+
+def combine_heads(heads: Sequence[Mapping[str, np.ndarray]], alpha: np.ndarray) -> dict[str, np.ndarray]:
+    """Σ_j α_j · head_j / Σ_j α_j per key (official ``agg_classifier_weighted_p``)."""
+    a = np.asarray(alpha, dtype=np.float64).reshape(-1)
+    if a.size != len(heads) or not a.sum() > 0 or np.any(a < 0):
+        raise UserError(
+            "combine_heads needs one non-negative weight per head with a positive sum", "check alpha"
+        )
+    keys = _validate(list(heads), "heads")
+    return {
+        k: _cast_back(_mean_flat([np.asarray(h[k]).reshape(-1) for h in heads], a / a.sum()),
+                      _out_dtype([np.asarray(h[k]) for h in heads]), np.shape(heads[0][k]))
+        for k in keys
+    }  # fmt: skip
