@@ -287,3 +287,70 @@ def test_natural_and_iid_partitions():
     np.testing.assert_array_equal(np.sort(np.concatenate(iid)), np.arange(10))
     with pytest.raises(UserError):
         iid_partition(2, 3)
+
+
+def _fake_medmnist(monkeypatch, fail: bool):
+    """A stand-in ``medmnist`` package (the real one is not installed and tests stay offline)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    module = types.ModuleType("medmnist")
+    module.__spec__ = importlib.machinery.ModuleSpec("medmnist", None)
+    module.INFO = {"octmnist": {"python_class": "OCTMNIST"}}
+    calls = []
+
+    class OCTMNIST:
+        def __init__(self, split, download, root, size):
+            calls.append((split, download, root, size))
+            if fail:
+                raise OSError("Network is unreachable")
+            write_npz(f"{root}/octmnist.npz", channels=1, classes=4)
+
+    module.OCTMNIST = OCTMNIST
+    monkeypatch.setitem(sys.modules, "medmnist", module)
+    return calls
+
+
+def test_download_through_medmnist_when_installed(tmp_path, monkeypatch):
+    calls = _fake_medmnist(monkeypatch, fail=False)
+    ds = load_medmnist("octmnist", data_dir=tmp_path / "cache")
+    assert calls == [("train", True, str(tmp_path / "cache"), 28)]
+    assert ds.num_classes == 4 and len(ds.train) == 12
+    # no download is attempted when asked not to
+    with pytest.raises(UserError, match="not found"):
+        load_medmnist("octmnist", data_dir=tmp_path / "other", download=False)
+
+
+def test_failed_download_is_one_line_user_error(tmp_path, monkeypatch):
+    _fake_medmnist(monkeypatch, fail=True)
+    with pytest.raises(UserError) as err:
+        load_medmnist("octmnist", data_dir=tmp_path)
+    assert "could not download" in str(err.value) and "\n" not in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_sslfl_png_images_and_real_split(tmp_path):
+    """COVID-FL layout: png images, 12_clients/split_real, three classes."""
+    from PIL import Image
+
+    root = tmp_path / "COVID-FL"
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    split = root / "12_clients" / "split_real"
+    split.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(root / "train" / f"a{i}.png")
+        rows.append(f"a{i}.png,{i % 3}")
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(root / "test" / "t0.png")
+    rows.append("t0.png,2")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    (root / "test.csv").write_text("t0.png\n")
+    (split / "bimcv.csv").write_text("a0.png\na1.png\n")
+    (split / "cohen.csv").write_text("a2.png\na3.png\na4.png\na5.png\n")
+    ds = load_sslfl(root, "split_real", image_size=16)
+    assert ds.train.images.shape == (6, 16, 16, 3) and ds.num_classes == 3 and ds.task == "multi-class"
+    assert [len(p) for p in ds.natural_partitions] == [2, 4]
+    assert ds.train.labels.tolist() == [0, 1, 2, 0, 1, 2]
