@@ -132,3 +132,14 @@ def test_adaptive_adversary_against_uniform_policy(small):
         mdp, seq, get_spec("alg2"), get_spec("alg2").params(K, mdp.H, mdp.dim, mdp.n_actions), K, [0, 1]
     )
     assert np.all(np.isfinite(r2.regret))
+
+
+def test_alg3_runs_without_simulator_and_is_deterministic(small):
+    from robustlab.advmdp.algorithms.alg3 import run_alg3
+
+    mdp, losses = small
+    r1 = run_alg3(mdp, losses, 150, seed=2)
+    r2 = run_alg3(mdp, losses, 150, seed=2)
+    assert r1.regret[0] == r2.regret[0] and np.isfinite(r1.regret[0])
+    assert r1.simulator_calls[0] == 0
+    assert r1.extra["schedule"]["W"] >= 2 and r1.params[0].gamma > 0

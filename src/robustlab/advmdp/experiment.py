@@ -104,8 +104,10 @@ def validate(cfg: RegretConfig) -> tuple[LinearMDP, LossSequence]:
     for a in cfg.algorithms:
         if a not in ALGORITHM_NAMES:
             raise UserError(f"unknown algorithm {a!r}", f"choose from {', '.join(ALGORITHM_NAMES)}")
-        if a == "alg3":
-            raise UserError("alg3 is not implemented in this version", "leave alg3 out of --algorithms")
+        if a == "alg3" and cfg.losses == "adaptive":
+            raise UserError(
+                "alg3 runs on oblivious loss sequences only", "use stochastic, switching or needle"
+            )
     if not cfg.algorithms:
         raise UserError("no algorithms given", "pass --algorithms alg1,alg2,...")
     bad = [k for k in cfg.K if k <= 0]
@@ -152,8 +154,22 @@ def run_cell(cfg_dict: dict, name: str, K: int) -> dict:
     cfg = RegretConfig(**cfg_dict)
     mdp = make_instance(cfg.instance, cfg.instance_seed)
     losses = make_loss_sequence(cfg.losses, mdp, max(cfg.K), cfg.loss_seed)
-    spec, params = algorithm_params(cfg, name, K, mdp)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    if name == "alg3":
+        from robustlab.advmdp.algorithms.alg3 import Alg3Config, run_alg3
+
+        c = cfg.constants.get("alg3") or FROZEN_CONSTANTS.get("alg3")
+        a3 = Alg3Config() if c is None else Alg3Config(c_eta=c[0], c_beta=c[1])
+        parts = [run_alg3(mdp, losses, K, s, a3).to_json() for s in seeds]
+        out = dict(parts[0])
+        for key in ("regret", "realized_regret", "simulator_calls", "rollouts", "seeds", "params"):
+            out[key] = [v for p in parts for v in p[key]]
+        out["regret_curve"] = [[p["regret"][0] for p in parts]]
+        out["seconds"] = sum(p["seconds"] for p in parts)
+        out["episodes_per_second"] = K * len(seeds) / max(out["seconds"], 1e-12)
+        out["c_eta"], out["c_beta"] = a3.c_eta, a3.c_beta
+        return out
+    spec, params = algorithm_params(cfg, name, K, mdp)
     res = run_algorithm(mdp, losses, spec, params, K, seeds, mode=cfg.mode)
     out = res.to_json()
     out["c_eta"], out["c_beta"] = spec.c_eta, spec.c_beta
