@@ -458,11 +458,13 @@ def wanda_scores(
                 "leave it out of the targets (it does not take part in the forward pass)",
             )
         mean_sq = collector.sums[name] / tokens
-        norm = mean_sq.sqrt().to(device=module.weight.device, dtype=torch.float32)
+        # float32 scores (float64 for a float64 model, so that nothing is lost to rounding there)
+        dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+        norm = mean_sq.sqrt().to(device=module.weight.device, dtype=dtype)
         in_axis = input_dim(module)
         shape = [1, 1]
         shape[in_axis] = -1
-        scores[name] = module.weight.detach().abs().float() * norm.view(shape)
+        scores[name] = module.weight.detach().abs().to(dtype) * norm.view(shape)
         scores.out_axis[name] = 1 - in_axis
         scores.stats[name] = mean_sq
         scores.tokens[name] = tokens
