@@ -6,7 +6,7 @@ torch or Ray; ``from robustlab.fedld import FedLD`` imports the strategies modul
 Strategies (Flower Message API, usable in any ``ServerApp``): :class:`FedAvg`, :class:`FedProx`,
 :class:`FedAvgUnweighted`, :class:`FedAvgServerLR`, :class:`FedLD`, :class:`FedLDMarginOnly`,
 :class:`FedLDAggregationOnly`, :class:`FedGH`, :class:`FedBN`, :class:`Scaffold`, :class:`MOON`.
-Apps: ``client_app`` / ``server_app`` (``robustlab.fedld.client_app:app``, ``robustlab.fedld.server_app:app``).
+Apps: ``robustlab.fedld.client_app:app`` and ``robustlab.fedld.server_app:app`` (submodules).
 Experiments: :func:`run_experiment`, :class:`ExperimentConfig`.
 """
 
@@ -38,8 +38,6 @@ _EXPORTS: dict[str, str] = {
     "margin_control_loss": "robustlab.fedld.losses",
     "fedprox_term": "robustlab.fedld.losses",
     # apps, task, experiments
-    "client_app": "robustlab.fedld.client_app:app",
-    "server_app": "robustlab.fedld.server_app:app",
     "run_training": "robustlab.fedld.server_app",
     "TaskSpec": "robustlab.fedld.task",
     "load_task": "robustlab.fedld.task",

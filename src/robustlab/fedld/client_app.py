@@ -308,7 +308,6 @@ def _task_for(msg: Message, context: Context) -> tuple[Task, dict[str, Any], int
     return load_task(spec), config, int(context.node_config["partition-id"])
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the received global model; replies with the local model and metrics."""
     torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
@@ -349,7 +348,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model (FedBN: with this client's BatchNorm) on the client's test part."""
     torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
@@ -370,3 +368,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+app.train()(train)
+app.evaluate()(evaluate)
