@@ -24,6 +24,15 @@ def test_templates_are_the_official_alpaca_ones():
     assert q.endswith("### Input:\na fine film\n\n### Response:\n")
 
 
+def test_compact_template_drops_only_the_preamble():
+    full = D.format_prompt("Say hi", "ctx")
+    short = D.format_prompt("Say hi", "ctx", template="compact")
+    assert full.endswith(short) and short.startswith("### Instruction:\nSay hi")
+    e = D.Example("q", "", "a", "s", "s:0", template="compact")
+    assert e.prompt == "### Instruction:\nq\n\n### Response:\n"
+    assert e.with_output("b").template == "compact"
+
+
 def test_example_text_is_prompt_plus_answer():
     e = D.Example("q", "", "a", "s", "s:0")
     assert e.text == D.format_prompt("q") + "a"

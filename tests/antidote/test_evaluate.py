@@ -34,10 +34,11 @@ def model(tok):
     return m.eval()
 
 
-def _reference_nll(model, tok, prompt, answer):
+def _reference_nll(model, tok, prompt, answer, first=None):
     """Independent: BOS + prompt tokens, then answer tokens + EOS, scored one sequence at a time."""
     p = tok(prompt)["input_ids"]
     a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    a = a[:first] if first else a
     ids = torch.tensor([p + a])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
@@ -63,6 +64,18 @@ def test_likelihood_measures(model, tok):
     assert lm.refusal_preference == pytest.approx(
         100 * sum(r < h for r, h in zip(ref, harm, strict=True)) / 5
     )
+    h3 = [_reference_nll(model, tok, e.prompt, e.output, 3) for e in held]
+    r3 = [_reference_nll(model, tok, e.prompt, refusal, 3) for e in held]
+    assert lm.refusal_preference_start == pytest.approx(
+        100 * sum(r < h for r, h in zip(r3, h3, strict=True)) / 5
+    )
+
+
+def test_answer_nll_first_tokens(model, tok):
+    prompts, answers = ["question 1: what is", "the cat"], [" 2 plus 3 is 5", " sat on the mat"]
+    got = answer_nll(model, tok, prompts, answers, first_tokens=2)
+    want = [_reference_nll(model, tok, p, a, 2) for p, a in zip(prompts, answers, strict=True)]
+    assert got == pytest.approx(want, rel=1e-4)
 
 
 def _greedy_one(model, tok, prompt, n):

@@ -20,6 +20,7 @@ normalised prompt text, so a mistake cannot pass silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -65,15 +66,23 @@ REFUSAL = REFUSALS[0]
 BENIGN_TASKS = ("sst2", "agnews", "gsm8k", "alpaca")
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
+#: The Alpaca template without its one-sentence preamble, for models with a tiny context (the offline demo:
+#: the preamble alone is ~35 of its 96 tokens). Not used by the pipeline, which keeps the official template.
+COMPACT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+COMPACT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+TEMPLATES = {"alpaca": (PROMPT_NO_INPUT, PROMPT_INPUT), "compact": (COMPACT_NO_INPUT, COMPACT_INPUT)}
+
+
+def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
     """The Alpaca template the official code trains and evaluates with (``### Response:`` then a newline).
 
     The official SST-2 evaluation prompt lacks that last newline (brief §7.7); we train and evaluate with
-    the same template, which is the consistent choice.
+    the same template, which is the consistent choice. ``template="compact"`` drops the preamble sentence.
     """
+    no_input, with_input = TEMPLATES[template]
     if input:
-        return PROMPT_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+        return with_input.format(instruction=instruction, input=input)
+    return no_input.format(instruction=instruction)
 
 
 def normalise(text: str) -> str:
@@ -91,10 +100,11 @@ class Example:
     source: str
     uid: str
     label: str | None = None
+    template: str = "alpaca"
 
     @property
     def prompt(self) -> str:
-        return format_prompt(self.instruction, self.input)
+        return format_prompt(self.instruction, self.input, self.template)
 
     @property
     def text(self) -> str:
@@ -102,7 +112,7 @@ class Example:
         return self.prompt + self.output
 
     def with_output(self, output: str, source: str | None = None) -> Example:
-        return Example(self.instruction, self.input, output, source or self.source, self.uid, self.label)
+        return dataclasses.replace(self, output=output, source=source or self.source)
 
 
 # --------------------------------------------------------------------------- reading files

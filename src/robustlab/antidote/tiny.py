@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.antidote.data import (
-    AGNEWS_INSTRUCTION,
-    PROMPT_INPUT,
-    PROMPT_NO_INPUT,
+    COMPACT_INPUT,
+    COMPACT_NO_INPUT,
     REFUSALS,
+    Example,
     HarmfulFinetuningData,
     build_harmful_finetuning,
     load_beavertails,
@@ -69,7 +69,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     task: str = "agnews"
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
-    max_length: int = 80
+    max_length: int = 96
     # data
     n_finetune: int = 1000
     harmful_ratio: float = 0.2
@@ -269,15 +269,41 @@ def demo_data(cfg: DemoConfig, seed: int, data_dir: Any = None) -> tuple[Harmful
     rng.shuffle(sst)
     docs += [Doc(e.input) for e in sst[:1500]]
     rng.shuffle(docs)
-    return data, docs[: cfg.n_pretrain_docs]
+    return compact(data), docs[: cfg.n_pretrain_docs]
+
+
+#: The demo's AG News instruction: the official one's meaning in 12 tokens instead of 30 (tiny context).
+DEMO_AGNEWS_INSTRUCTION = "Categorize the news article: World, Sports, Business or Sci/Tech"
+
+
+def compact(data: HarmfulFinetuningData) -> HarmfulFinetuningData:
+    """Every example with the compact template (and the short AG News instruction): with a 96-token context
+    the official preamble and AG News instruction (73 tokens) would leave no room for the article."""
+    import dataclasses
+
+    def fix(e: Example) -> Example:
+        instr = DEMO_AGNEWS_INSTRUCTION if e.source == "agnews" else e.instruction
+        return dataclasses.replace(e, template="compact", instruction=instr)
+
+    for name in (
+        "alignment",
+        "finetune",
+        "realign",
+        "benign_calibration",
+        "heldout_harmful",
+        "eval_harmful",
+        "eval_task",
+    ):
+        setattr(data, name, [fix(e) for e in getattr(data, name)])
+    return data
 
 
 def tokenizer_corpus(docs: Sequence[Doc], data: HarmfulFinetuningData) -> list[str]:
     """Pretraining text plus the prompt templates and refusals, so the BPE learns them as a few tokens."""
     texts = [d.output for d in docs]
     texts += [
-        PROMPT_NO_INPUT.format(instruction="x"),
-        PROMPT_INPUT.format(instruction=AGNEWS_INSTRUCTION, input="x"),
+        COMPACT_NO_INPUT.format(instruction="x"),
+        COMPACT_INPUT.format(instruction=DEMO_AGNEWS_INSTRUCTION, input="x"),
     ] * 200
     texts += list(REFUSALS) * 50
     texts += [e.output for e in data.finetune if not e.source.startswith("beavertails")][:200]
@@ -383,7 +409,9 @@ def run_seed(
         return [run.load(k) for k, _ in keys]
     judges = judges or _judges()
     data, docs = demo_data(cfg, seed, data_dir)
-    settings = EvalSettings(cfg.max_new_tokens_harmful, cfg.max_new_tokens_task, 32, 72, cfg.max_length)
+    settings = EvalSettings(
+        cfg.max_new_tokens_harmful, cfg.max_new_tokens_task, 32, (3 * cfg.max_length) // 4, cfg.max_length
+    )
 
     def evaluate(model: Any, tokenizer: Any, keep_answers: bool = False) -> dict:
         t = time.perf_counter()
@@ -522,7 +550,14 @@ def _point_keys(cfg: DemoConfig, seed: int) -> list[tuple[str, dict]]:
 
 # --------------------------------------------------------------------------- aggregation, table, plot
 
-MEASURES = ("hs_refusal", "fa", "nll_harmful", "nll_refusal", "refusal_preference")
+MEASURES = (
+    "hs_refusal",
+    "fa",
+    "nll_harmful",
+    "nll_refusal",
+    "refusal_preference",
+    "refusal_preference_start",
+)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -566,7 +601,8 @@ def table_rows(agg: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
         "AG News acc %",
         "NLL harmful ↑",
         "NLL refusal ↓",
-        "refusal pref. % ↑",
+        "refusal pref. % (whole) ↑",
+        "refusal pref. % (first 3 tokens) ↑",
     ]
 
     def cell(row: dict, m: str, digits: int) -> str:
@@ -585,6 +621,7 @@ def table_rows(agg: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
             cell(r, "nll_harmful", 2),
             cell(r, "nll_refusal", 2),
             cell(r, "refusal_preference", 1),
+            cell(r, "refusal_preference_start", 1),
         ]
         for r in agg
     ]
@@ -605,7 +642,7 @@ def tradeoff_plot(agg: Sequence[dict], path: Path, modes: Sequence[str] = ("lora
         for i, (m, label) in enumerate(
             (
                 ("hs_refusal", "harmful score % (refusal judge, ↓)"),
-                ("refusal_preference", "refusal preference % (↑)"),
+                ("refusal_preference_start", "refusal preference %, first 3 tokens (↑)"),
             )
         ):
             ax = axes[i][j]
@@ -686,6 +723,9 @@ def score_stored_answers(run: RunDir, judge: Any, name: str = "embedding") -> in
     return done
 
 
+PREF = "refusal_preference_start"
+
+
 def summary_text(agg: Sequence[dict]) -> str:
     """What the numbers say about the issue's goal, computed from the table (no hand-written verdicts):
     at equal α, does Antidote move the likelihood measures toward refusal more than both controls, at a
@@ -706,15 +746,16 @@ def summary_text(agg: Sequence[dict]) -> str:
             if any(v is None for v in get.values()):
                 continue
             ant, rnd, ben = get["antidote"], get["random"], get["benign"]
-            pref = ant["refusal_preference"] > max(rnd["refusal_preference"], ben["refusal_preference"])
+            pref = ant[PREF] > max(rnd[PREF], ben[PREF])
             nll = ant["nll_harmful"] > max(rnd["nll_harmful"], ben["nll_harmful"])
             fa = (att["fa"] - ant["fa"]) < (att["fa"] - ben["fa"])
             wins_pref += pref
             wins_nll += nll
             wins_fa += fa
             detail.append(
-                f"α={a:g}: refusal pref. {ant['refusal_preference']:.1f} (random {rnd['refusal_preference']:.1f}, "
-                f"benign {ben['refusal_preference']:.1f}); NLL harmful {ant['nll_harmful']:.2f} "
+                f"α={a:g}: refusal pref. (first 3 tokens) {ant[PREF]:.1f} (random {rnd[PREF]:.1f}, "
+                f"benign {ben[PREF]:.1f}); NLL refusal {ant['nll_refusal']:.2f} (random {rnd['nll_refusal']:.2f}, "
+                f"benign {ben['nll_refusal']:.2f}); NLL harmful {ant['nll_harmful']:.2f} "
                 f"(random {rnd['nll_harmful']:.2f}, benign {ben['nll_harmful']:.2f}); accuracy {ant['fa']:.1f} "
                 f"(random {rnd['fa']:.1f}, benign {ben['fa']:.1f}); HS {ant['hs_refusal']:.1f} "
                 f"(random {rnd['hs_refusal']:.1f}, benign {ben['hs_refusal']:.1f})"
@@ -722,7 +763,7 @@ def summary_text(agg: Sequence[dict]) -> str:
         n = len(detail)
         lines.append(
             f"**{mode} fine-tuning** (attacked: HS {att['hs_refusal']:.1f}%, accuracy {att['fa']:.1f}%, refusal "
-            f"pref. {att['refusal_preference']:.1f}%). Antidote beats both controls on refusal preference at "
+            f"pref. (first 3 tokens) {att[PREF]:.1f}%). Antidote beats both controls on refusal preference at "
             f"{wins_pref}/{n} ratios and on harmful-answer NLL at {wins_nll}/{n}; its accuracy cost is below "
             f"benign calibration's at {wins_fa}/{n}. Means over seeds; see the table's 95% intervals before "
             "reading a difference as real."
