@@ -106,6 +106,14 @@ def tune(
     tune_constants(names, out, ce, cb, K, seeds, instance_seed, workers=workers, echo=typer.echo)
 
 
+@app.command()
+def summarize(out: Path = typer.Option(..., help="A regret run folder.")) -> None:
+    """Summarise the finished cells of a (possibly still running) regret run: table + partial plot."""
+    from robustlab.advmdp.experiment import summarise_folder
+
+    summarise_folder(out, echo=typer.echo)
+
+
 @app.command("algorithms")
 def list_algorithms() -> None:
     """List the algorithms with their regulariser, estimator, bonus and rate."""

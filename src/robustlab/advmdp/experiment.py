@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from robustlab.advmdp.algorithms import ALGORITHM_NAMES, MODES, get_spec, run_algorithm, with_constants
+from robustlab.advmdp.algorithms.specs import FROZEN_CONSTANTS
 from robustlab.advmdp.losses import LOSS_SEQUENCES, LossSequence, make_losses
 from robustlab.advmdp.mdp import LinearMDP
 from robustlab.errors import UserError
@@ -27,9 +28,7 @@ from robustlab.errors import UserError
 INSTANCES = ("standard", "small", "lock")
 STANDARD = {"horizon": 5, "n_states": 20, "n_actions": 5, "dim": 8}
 
-# Constants (c_eta, c_beta) chosen once by `robustlab advmdp tune` on the PILOT instance (standard shape,
-# instance seed 1, K = 1e4, stochastic + switching losses) and frozen; the evaluation instance is seed 0.
-FROZEN_CONSTANTS: dict[str, tuple[float, float]] = {}
+# FROZEN_CONSTANTS (imported above) were chosen on the pilot instance; see algorithms/specs.py.
 PILOT_INSTANCE_SEED = 1
 
 
@@ -437,3 +436,42 @@ def _tune_job(config: dict, name: str, loss_name: str) -> dict:
     res = run_algorithm(mdp, losses, spec, params, config["K"], seeds)
     reg = np.asarray(res.regret).reshape(len(grid), config["seeds"]).mean(1)
     return {"grid": grid, "mean_regret": reg.tolist(), "seconds": res.seconds}
+
+
+def summarise_folder(out: str | Path, echo: Callable[[str], None] = print) -> dict:
+    """Summarise the finished cells of a run folder without running anything (e.g. while a sweep is
+    still going). Only K values finished by every algorithm enter; writes ``summary_partial.json`` and
+    ``regret_partial.png`` (the full ``summary.json`` is written by :func:`run_regret` at the end)."""
+    import yaml
+
+    from robustlab.runs import RunDir, atomic_write_json, cell_key
+
+    out = Path(out)
+    cfg_file = out / "config.yaml"
+    if not cfg_file.exists():
+        raise UserError(
+            f"{out} is not a regret run folder (no config.yaml)", "pass the --out of a regret run"
+        )
+    cfg = RegretConfig(**yaml.safe_load(cfg_file.read_text()))
+    run = RunDir(out)
+    Ks = [k for k in cfg.K if all(run.is_done(cell_key(algorithm=a, K=k)) for a in cfg.algorithms)]
+    if not Ks:
+        raise UserError(f"no K value in {out} is finished for every algorithm yet", "wait for the run")
+    mdp = make_instance(cfg.instance, cfg.instance_seed)
+    rng = np.random.default_rng([cfg.seed, 99])
+    summary = {
+        "instance": mdp.name,
+        "losses": cfg.losses,
+        "mode": cfg.mode,
+        "seeds": cfg.seeds,
+        "partial": True,
+        "K_finished": Ks,
+        "slope_fit": "least squares of log mean regret on log K over every finished K",
+        "algorithms": {
+            a: summarise({k: run.load(cell_key(algorithm=a, K=k)) for k in Ks}, rng) for a in cfg.algorithms
+        },
+    }
+    plot_regret(summary, out / "regret_partial.png", f"{mdp.name}, {cfg.losses} losses (K finished: {Ks})")
+    atomic_write_json(out / "summary_partial.json", summary)
+    echo(format_table(summary))
+    return summary
