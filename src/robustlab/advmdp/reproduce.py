@@ -104,7 +104,7 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
             losses="stochastic",
             algorithms=["alg1", "alg2", "luo21", "expweights", "lbnobonus"],
             K=LOCK_K,
-            seeds=5,
+            seeds=3,
             seed=seed,
             workers=workers,
         )

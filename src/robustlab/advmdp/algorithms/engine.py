@@ -365,7 +365,7 @@ def _sim_inverse(
 
     if spec.sim_covariance == "mgr":
         S, Aa = sim.rollout(pi, params.M)
-        return mgr(sim.features(S, Aa), params.gamma, c=0.5)
+        return mgr(sim.features(S, Aa), params.gamma, c=min(0.5, 1.0 / (1.0 + params.gamma)))
     S, _ = sim.rollout(pi, params.N)
     return plugin_inverse(mdp, pi, S, params.gamma)
 
