@@ -84,9 +84,10 @@ def test_realized_regret_tracks_pseudo_regret(small):
     assert abs(diff.mean()) < 4 * diff.std() / np.sqrt(len(diff)) + 1e-9
 
 
-def test_simulator_mode_agrees_with_oracle_mode(small):
+@pytest.mark.parametrize("name", ["alg2", "luo21"])
+def test_simulator_mode_agrees_with_oracle_mode(small, name):
     mdp, losses = small
-    spec = get_spec("alg2")
+    spec = get_spec(name)
     K = 150
     params = spec.params(K, mdp.H, mdp.dim, mdp.n_actions)
     seeds = list(range(6))
