@@ -139,7 +139,7 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
     section.results["simulator_agreement"] = chk["agree"]
     section.text(
         "Constants (c_eta, c_beta) come from `robustlab advmdp tune` on the pilot instance (seed 1) and are "
-        "frozen in robustlab.advmdp.experiment.FROZEN_CONSTANTS. Slopes are least-squares fits of log mean "
+        "frozen in robustlab.advmdp.algorithms.specs.FROZEN_CONSTANTS. Slopes are least-squares fits of log mean "
         "regret on log K; intervals are bootstrap over seeds."
     )
     return section
