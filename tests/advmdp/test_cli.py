@@ -103,3 +103,48 @@ def test_tiny_run_end_to_end_and_resume(tmp_path, capsys):
     # a different configuration in the same folder is refused
     code, err = run_cli([*args[:-4], "--algorithms", "alg1", "--out", str(out)], capsys)
     assert code == 2 and "different configuration" in err
+
+
+def test_summarize_and_tune_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "regret",
+        "--instance",
+        "small",
+        "--K",
+        "20,40",
+        "--seeds",
+        "2",
+        "--algorithms",
+        "uniform,fullinfo",
+    ]
+    assert main(["advmdp", *args, "--out", str(out)]) == 0
+    assert main(["advmdp", "summarize", "--out", str(out)]) == 0
+    part = json.loads((out / "summary_partial.json").read_text())
+    full = json.loads((out / "summary.json").read_text())
+    assert part["K_finished"] == [20, 40]
+    assert part["algorithms"]["fullinfo"]["regret_mean"] == full["algorithms"]["fullinfo"]["regret_mean"]
+    code, err = run_cli(["summarize", "--out", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "not a regret run folder" in err
+
+    tune_out = tmp_path / "tune"
+    targs = [
+        "tune",
+        "--algorithms",
+        "fullinfo",
+        "--c-eta",
+        "1,30",
+        "--K",
+        "40",
+        "--seeds",
+        "1",
+        "--out",
+        str(tune_out),
+    ]
+    assert main(["advmdp", *targs]) == 0
+    res = json.loads((tune_out / "summary.json").read_text())["chosen"]["fullinfo"]
+    best = min(range(len(res["scores"])), key=res["scores"].__getitem__)
+    assert [res["c_eta"], res["c_beta"]] == res["grid"][best]
+    assert json.loads((tune_out / "constants.json").read_text())["fullinfo"] == [res["c_eta"], res["c_beta"]]
+    code, err = run_cli(["tune", "--K", "0", "--out", str(tmp_path / "t2")], capsys)
+    assert code == 2 and "K must be positive" in err
