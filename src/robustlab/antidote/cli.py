@@ -138,4 +138,5 @@ def demo(
     from robustlab.report import markdown_table
 
     typer.echo(markdown_table(res["columns"], res["table"]))
+    typer.echo(markdown_table(res["paired_columns"], res["paired_table"]))
     typer.echo(f"trade-off plot: {res['figure']}  ({res['seconds']} s)")

@@ -37,6 +37,11 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
         "the harmful answer. antidote = Wanda on harmful calibration; random = random pruning; benign = "
         "Wanda on benign AG News calibration; all at the same α.",
     )
+    section.table(
+        "Paired differences: Antidote minus each control, same seed and α (mean ± 95% CI over seeds)",
+        res["paired_columns"],
+        res["paired_table"],
+    )
     section.figure(
         "Safety vs task accuracy", res["figure"], "One line per method across α, from the attacked model."
     )

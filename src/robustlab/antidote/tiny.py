@@ -683,7 +683,8 @@ def tradeoff_plot(agg: Sequence[dict], path: Path, modes: Sequence[str] = ("lora
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
-    fig.suptitle("Antidote on a tiny from-scratch Llama: safety vs task accuracy (mean ± 95% CI, 3 seeds)")
+    fig.suptitle("Antidote on a tiny from-scratch Llama: safety vs task accuracy (mean ± 95% CI over seeds)")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return save_figure(fig, path)
 
 
@@ -700,7 +701,7 @@ def embedding_judge(cache: Path, data_dir: Any = None) -> tuple[Any, dict | None
     path, rep = cache / "embedding_judge.json", cache / "embedding_judge_report.json"
     if path.is_file() and rep.is_file():
         return J.EmbeddingJudge.load(path), read_json(rep)
-    judge, report = J.train_embedding_judge(data_dir, seed=0)
+    judge, report = J.train_embedding_judge(data_dir, seed=0, max_eval=0)  # agreement only: no recall pass
     judge.save(path)
     atomic_write_json(rep, report)
     return judge, read_json(rep)
@@ -724,6 +725,44 @@ def score_stored_answers(run: RunDir, judge: Any, name: str = "embedding") -> in
 
 
 PREF = "refusal_preference_start"
+PAIRED = ("nll_refusal", "nll_harmful", "fa")
+
+
+def paired_differences(rows: Sequence[dict]) -> list[dict]:
+    """Antidote minus each control at the same mode, ratio and seed (the seeds share the attacked model),
+    with the mean and 95% t half-width over seeds for ``nll_refusal`` (negative = more refusal),
+    ``nll_harmful`` (positive = less harmful) and ``fa``."""
+    index = {(r["seed"], r["mode"], r["stage"], float(r["ratio"])): r for r in rows}
+    out = []
+    keys = sorted({(r["mode"], float(r["ratio"])) for r in rows if r["stage"] == "antidote"})
+    for mode, ratio in keys:
+        for control in ("benign", "random"):
+            pairs = [
+                (index[(s, mode, "antidote", ratio)], index[(s, mode, control, ratio)])
+                for (s, m, st, a) in index
+                if m == mode and st == "antidote" and a == ratio and (s, mode, control, ratio) in index
+            ]
+            row: dict[str, Any] = {"mode": mode, "ratio": ratio, "control": control, "seeds": len(pairs)}
+            for m in PAIRED:
+                row[m], row[m + "_ci"] = mean_ci([a[m] - c[m] for a, c in pairs])
+            out.append(row)
+    return out
+
+
+def paired_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = [
+        "fine-tuning",
+        "α",
+        "control",
+        "Δ NLL refusal (antidote − control, ↓ = more refusal)",
+        "Δ NLL harmful (↑ = less harmful)",
+        "Δ accuracy",
+    ]
+    body = [
+        [d["mode"], d["ratio"], d["control"]] + [f"{d[m]:+.3f} ± {d[m + '_ci']:.3f}" for m in PAIRED]
+        for d in paired_differences(rows)
+    ]
+    return cols, body
 
 
 def summary_text(agg: Sequence[dict]) -> str:
@@ -762,13 +801,13 @@ def summary_text(agg: Sequence[dict]) -> str:
             )
         n = len(detail)
         lines.append(
-            f"**{mode} fine-tuning** (attacked: HS {att['hs_refusal']:.1f}%, accuracy {att['fa']:.1f}%, refusal "
+            f"\n**{mode} fine-tuning** (attacked: HS {att['hs_refusal']:.1f}%, accuracy {att['fa']:.1f}%, refusal "
             f"pref. (first 3 tokens) {att[PREF]:.1f}%). Antidote beats both controls on refusal preference at "
             f"{wins_pref}/{n} ratios and on harmful-answer NLL at {wins_nll}/{n}; its accuracy cost is below "
             f"benign calibration's at {wins_fa}/{n}. Means over seeds; see the table's 95% intervals before "
-            "reading a difference as real."
+            "reading a difference as real, and the paired differences below."
         )
-        lines += [f"- {d}" for d in detail]
+        lines += ["", *[f"- {d}" for d in detail]]
     return "\n".join(lines)
 
 
@@ -809,6 +848,7 @@ def run_demo(
         "seeds": list(cfg.seeds),
         "embedding_judge": judge_report,
         "text": summary_text(agg),
+        "paired": paired_differences(rows),
     }
     run.write_summary(summary)
     return {
@@ -821,4 +861,6 @@ def run_demo(
         "seconds": summary["seconds"],
         "embedding_judge": judge_report,
         "text": summary["text"],
+        "paired_columns": paired_table(rows)[0],
+        "paired_table": paired_table(rows)[1],
     }
