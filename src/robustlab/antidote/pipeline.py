@@ -450,6 +450,7 @@ def results_table(rows: list[dict], judges: list[str]) -> str:
         "NLL harmful",
         "NLL refusal",
         "refusal pref. %",
+        "refusal pref. % (first 3 tokens)",
     ]
     body = [
         [
@@ -460,6 +461,7 @@ def results_table(rows: list[dict], judges: list[str]) -> str:
             r.get("nll_harmful"),
             r.get("nll_refusal"),
             r.get("refusal_preference"),
+            r.get("refusal_preference_start"),
         ]
         for r in rows
     ]
