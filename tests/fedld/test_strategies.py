@@ -169,15 +169,24 @@ def test_fedld_matches_svd_closed_form_and_logs_ratio():
     ref = reference_pg(deltas)
     for k in ("conv.weight", "fc.bias", "bn.running_var"):
         np.testing.assert_allclose(out[k], g[k] + ref[k].reshape(g[k].shape), rtol=1e-4, atol=1e-6)
-    # the diagnostic: ||g_LD|| / ||weighted FedAvg update|| and their cosine, over the float entries
-    keys = ("conv.weight", "fc.bias", "bn.running_var")
+    # the diagnostic: ||g_LD|| / ||weighted FedAvg update|| and their cosine, over the parameters
+    # (BatchNorm running statistics excluded), and over every float entry
     p = np.array(sizes) / sum(sizes)
-    a = np.concatenate([ref[k].ravel() for k in keys])
-    b = np.concatenate(
-        [sum(pi * d[k].astype(np.float64) for pi, d in zip(p, deltas, strict=True)).ravel() for k in keys]
-    )
-    assert metrics["update-ratio"] == pytest.approx(np.linalg.norm(a) / np.linalg.norm(b), rel=1e-4)
-    assert metrics["update-cosine"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-4)
+
+    def ratio_cos(keys):
+        a = np.concatenate([ref[k].ravel() for k in keys])
+        b = np.concatenate(
+            [sum(pi * d[k].astype(np.float64) for pi, d in zip(p, deltas, strict=True)).ravel() for k in keys]
+        )
+        return np.linalg.norm(a) / np.linalg.norm(b), a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    r, c = ratio_cos(("conv.weight", "fc.bias"))
+    assert metrics["update-ratio"] == pytest.approx(r, rel=1e-4)
+    assert metrics["update-cosine"] == pytest.approx(c, rel=1e-4)
+    r_all, c_all = ratio_cos(("conv.weight", "fc.bias", "bn.running_var"))
+    assert metrics["update-ratio-all-entries"] == pytest.approx(r_all, rel=1e-4)
+    assert metrics["update-cosine-all-entries"] == pytest.approx(c_all, rel=1e-4)
+    assert r != pytest.approx(r_all, rel=1e-3)
     assert strategy.last_diagnostics["update-ratio"] == metrics["update-ratio"]
 
 

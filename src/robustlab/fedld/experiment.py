@@ -214,6 +214,7 @@ def _strategy_options(cfg: ExperimentConfig, task: Any, server_lr: float | None)
         "moon_tau": cfg.moon_tau,
         "server_lr": server_lr if server_lr is not None else 1.0,
         "bn_keys": task.batchnorm_keys(),
+        "param_keys": [n for n, _ in task.build_model().named_parameters()],
     }
 
 

@@ -202,6 +202,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "proximal-mu": 0.01,
     "server-lr": 1.0,
     "min-replies": 1,
+    "fraction-evaluate": 1.0,
     "round-timeout": 600.0,
     "out": "",
 }
@@ -231,11 +232,13 @@ def main(grid: Grid, context: Context) -> None:
     options = {
         "num_clients": n,
         "min_replies": int(cfg["min-replies"]),
+        "fraction_evaluate": float(cfg["fraction-evaluate"]),
         "margin_lambda": float(cfg["margin-lambda"]),
         "k_proportion": float(cfg["k-proportion"]),
         "proximal_mu": float(cfg["proximal-mu"]),
         "server_lr": float(cfg["server-lr"]),
         "bn_keys": task.batchnorm_keys(),
+        "param_keys": [n for n, _ in task.build_model().named_parameters()],
     }
     strategy = make_strategy(str(cfg["method"]), options)
     train_config = {

@@ -38,6 +38,9 @@ SCAFFOLD_DC = "scaffold-dc::"  # client control-variate change, returned inside 
 
 NDict = dict[str, np.ndarray]
 
+#: state entries that are buffers, not parameters (BatchNorm statistics)
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
 
 # --------------------------------------------------------------------------- array helpers
 
@@ -294,8 +297,11 @@ class FedLD(_DeltaStrategy):
     ``w <- w + g`` (server lr 1, as the official code).
 
     Each round ``last_diagnostics`` (and the round's train metrics) hold ``update-ratio`` = ||g|| /
-    ||FedAvg update|| and ``update-cosine`` = cos(g, FedAvg update) on the same deltas (float entries,
-    BatchNorm statistics included), plus the same two against the unweighted mean.
+    ||FedAvg update|| and ``update-cosine`` = cos(g, FedAvg update) on the same deltas over the model's
+    parameters (``diagnostic_keys``; by default every float entry except BatchNorm running statistics,
+    whose large deltas would otherwise dominate the norm), the same two against the unweighted mean, the
+    per-tensor min/max ratio, and ``update-ratio-all-entries`` / ``update-cosine-all-entries`` over every
+    float entry (what the aggregation itself touches).
 
     Decisions on the official code's quirks (brief section 1.6): no hidden learning-rate warm-up (the
     client lr is the configured lr from round 1); no "plain mean in the first round" special case (the
@@ -303,7 +309,14 @@ class FedLD(_DeltaStrategy):
     partial participation both work, as ``m`` is the number of replies.
     """
 
-    def __init__(self, *, k_proportion: float = 0.8, margin_lambda: float = 0.1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        k_proportion: float = 0.8,
+        margin_lambda: float = 0.1,
+        diagnostic_keys: Collection[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not (0.0 < k_proportion <= 1.0):
             raise ValueError(f"k_proportion must be in (0, 1], got {k_proportion}")
@@ -311,15 +324,26 @@ class FedLD(_DeltaStrategy):
             raise ValueError(f"margin_lambda must be >= 0, got {margin_lambda}")
         self.k_proportion = float(k_proportion)
         self.margin_lambda = float(margin_lambda)
+        self.diagnostic_keys = list(diagnostic_keys) if diagnostic_keys is not None else None
 
     def client_config(self) -> dict[str, Any]:
         return {**super().client_config(), "margin-lambda": self.margin_lambda}
+
+    def _parameter_keys(self, deltas: list[NDict]) -> list[str]:
+        if self.diagnostic_keys is not None:
+            return [k for k in self.diagnostic_keys if k in deltas[0]]
+        return [
+            k
+            for k, v in deltas[0].items()
+            if np.issubdtype(np.asarray(v).dtype, np.floating) and not k.endswith(BUFFER_SUFFIXES)
+        ]
 
     def global_update(self, deltas: list[NDict], weights: list[float]) -> NDict:
         from robustlab.fedld.aggregation import principal_gradient_aggregate, update_size_ratio
 
         g = principal_gradient_aggregate(deltas, k_proportion=self.k_proportion)
-        diag = update_size_ratio(deltas, g, weights=weights)
+        diag = update_size_ratio(deltas, g, weights=weights, keys=self._parameter_keys(deltas))
+        every = update_size_ratio(deltas, g, weights=weights)
         self.last_diagnostics.update(
             {
                 "update-ratio": diag["ratio_weighted"],
@@ -328,6 +352,8 @@ class FedLD(_DeltaStrategy):
                 "update-cosine-unweighted": diag["cosine_unweighted"],
                 "update-tensor-ratio-min": diag["tensor_ratio_min"],
                 "update-tensor-ratio-max": diag["tensor_ratio_max"],
+                "update-ratio-all-entries": every["ratio_weighted"],
+                "update-cosine-all-entries": every["cosine_weighted"],
             }
         )
         return g
@@ -531,6 +557,7 @@ def _fedld(o: Mapping[str, Any]) -> FedLD:
     return FedLD(
         k_proportion=float(o.get("k_proportion", 0.8)),
         margin_lambda=float(o.get("margin_lambda", 0.1)),
+        diagnostic_keys=o.get("param_keys"),
         **_common(o),
     )
 
@@ -542,7 +569,9 @@ def _fedld_margin(o: Mapping[str, Any]) -> FedLDMarginOnly:
 
 @_register("fedld-pg", "ablation: principal-gradient aggregation only (CE clients)")
 def _fedld_pg(o: Mapping[str, Any]) -> FedLDAggregationOnly:
-    return FedLDAggregationOnly(k_proportion=float(o.get("k_proportion", 0.8)), **_common(o))
+    return FedLDAggregationOnly(
+        k_proportion=float(o.get("k_proportion", 0.8)), diagnostic_keys=o.get("param_keys"), **_common(o)
+    )
 
 
 @_register("fedgh", "FedGH: pairwise gradient harmonization (FedLD repo)")

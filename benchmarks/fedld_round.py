@@ -1,0 +1,116 @@
+"""Whole-round wall time of FedLD vs FedAvg in the same Flower simulation (goal: FedLD <= 1.10x FedAvg).
+
+One ``run_simulation`` (Ray, 5 SuperNodes) trains alternating blocks FedAvg, FedLD, FedAvg, FedLD, ...
+(``--rounds`` rounds each, the first round of a block dropped as warm-up) on RetinaMNIST from the shared
+data folder (else scikit-learn digits). Per round it records the training phase (configure, client
+training, aggregation), the server-side aggregation alone, and the whole round (with client and server
+evaluation). Writes ``<out>/fedld_round.json`` with medians and the FedLD / FedAvg ratios.
+
+    python benchmarks/fedld_round.py --out runs/bench [--rounds 6] [--blocks 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds per block")
+    ap.add_argument("--blocks", type=int, default=2, help="FedAvg/FedLD block pairs")
+    ap.add_argument("--clients", type=int, default=5)
+    args = ap.parse_args()
+
+    import torch
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from robustlab.fedld.client_app import app as client_app
+    from robustlab.fedld.server_app import run_training
+    from robustlab.fedld.strategies import FedAvg, FedLD
+    from robustlab.fedld.task import TaskSpec, load_task
+    from robustlab.paths import shared_data_dir
+
+    torch.set_num_threads(1)
+    root = shared_data_dir()
+    if root is not None and (root / "medmnist" / "retinamnist.npz").is_file():
+        spec = TaskSpec("retinamnist", str(root / "medmnist"), args.clients, 0.5, 0)
+    else:
+        spec = TaskSpec("digits", None, args.clients, 0.5, 0)
+    task = load_task(spec)
+    rows: dict[str, list[dict]] = {"fedavg": [], "fedld": []}
+    errors: list[BaseException] = []
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid, context):
+        try:
+            n = args.clients
+            common = {"min_train_nodes": n, "min_available_nodes": n, "min_evaluate_nodes": n}
+            for block in range(args.blocks):
+                for name, make in (("fedavg", lambda: FedAvg(**common)), ("fedld", lambda: FedLD(**common))):
+                    _, hist = run_training(
+                        grid,
+                        make(),
+                        task,
+                        num_rounds=args.rounds,
+                        train_config={**spec.to_config(), "cell": f"{name}-{block}"},
+                        init_seed=block,
+                    )
+                    rows[name] += hist[2:]  # drop round 0 (no training) and round 1 (warm-up)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t0 = time.perf_counter()
+    run_simulation(
+        server_app=app,
+        client_app=client_app,
+        num_supernodes=args.clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    if errors:
+        raise errors[0]
+
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in rows[name]))
+
+    result = {
+        "benchmark": "fedld_round",
+        "dataset": spec.dataset,
+        "clients": args.clients,
+        "rounds_measured_per_method": len(rows["fedld"]),
+        "model_parameters": int(sum(p.numel() for p in task.build_model().parameters())),
+        "median_seconds": {
+            name: {
+                "train_phase": med(name, "train_seconds"),
+                "aggregation": med(name, "aggregate_seconds"),
+                "whole_round": med(name, "seconds"),
+            }
+            for name in rows
+        },
+        "ratio_fedld_over_fedavg": {
+            "train_phase": med("fedld", "train_seconds") / med("fedavg", "train_seconds"),
+            "aggregation": med("fedld", "aggregate_seconds") / med("fedavg", "aggregate_seconds"),
+            "whole_round": med("fedld", "seconds") / med("fedavg", "seconds"),
+        },
+        "goal": "whole_round ratio <= 1.10",
+        "wall_seconds": time.perf_counter() - t0,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    result["goal_met"] = result["ratio_fedld_over_fedavg"]["whole_round"] <= 1.10
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fedld_round.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["median_seconds"], indent=2))
+    print(json.dumps(result["ratio_fedld_over_fedavg"], indent=2), "goal met:", result["goal_met"])
+
+
+if __name__ == "__main__":
+    main()

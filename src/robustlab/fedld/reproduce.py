@@ -1,0 +1,107 @@
+"""Registered reproduction experiment for fedld (``robustlab reproduce --only fedld``).
+
+quick (<= 6 minutes on 2 cores): RetinaMNIST from the shared data folder when present (else scikit-learn's
+digits), 5 clients, Dirichlet beta in {100, 0.5}, FedAvg / FedProx / FedLD, 1 seed, a short run
+(:data:`QUICK_ROUNDS` rounds) on Flower's simulation engine.
+
+full (the issue's acceptance sweep; many CPU-hours, resumable so it may span sessions): RetinaMNIST and
+PneumoniaMNIST (balanced), 5 clients, beta in {100, 1, 0.5}, 100 rounds; FedAvg, its two controls, FedLD
+and its two ablations over 5 seeds; FedProx, FedBN, FedGH, SCAFFOLD, MOON over 3 seeds.
+
+Both write one run folder per (dataset, beta) under ``out`` (rerunning the same command resumes) and a
+section with one table and one accuracy-vs-round figure per (dataset, beta), plus the clients' label
+histograms.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from robustlab.paths import shared_data_dir
+from robustlab.report import Section
+
+QUICK_ROUNDS = 10
+FULL_ROUNDS = 100
+FIVE_SEED_METHODS = ["fedavg", "fedavg-unweighted", "fedld", "fedavg-slr", "fedld-margin", "fedld-pg"]
+THREE_SEED_METHODS = ["fedprox", "fedbn", "fedgh", "scaffold", "moon"]
+
+
+def _data() -> tuple[str | None, list[str]]:
+    root = shared_data_dir()
+    if root is not None and (root / "medmnist" / "retinamnist.npz").is_file():
+        return str(root / "medmnist"), ["retinamnist", "pneumoniamnist_balanced"]
+    return None, ["digits"]
+
+
+def plan(scale: str, seed: int) -> list[tuple[str, float, list[str], int, int]]:
+    """(dataset, beta, methods, seeds, rounds) runs for ``scale``; the data folder is resolved separately."""
+    data_dir, datasets = _data()
+    del data_dir
+    if scale == "quick":
+        return [(datasets[0], beta, ["fedavg", "fedprox", "fedld"], 1, QUICK_ROUNDS) for beta in (100.0, 0.5)]
+    runs = []
+    for ds in datasets:
+        for beta in (100.0, 1.0, 0.5):
+            runs.append((ds, beta, FIVE_SEED_METHODS, 5, FULL_ROUNDS))
+            runs.append((ds, beta, THREE_SEED_METHODS, 3, FULL_ROUNDS))
+    return runs
+
+
+def reproduce(scale: str, out: Path, seed: int) -> Section:
+    from robustlab.fedld.experiment import ExperimentConfig, run_experiment, summary_table
+
+    data_dir, _ = _data()
+    runs = plan(scale, seed)
+    section = Section(
+        "fedld",
+        settings={
+            "scale": scale,
+            "data": f"{runs[0][0]} ({data_dir or 'scikit-learn digits, no download'})",
+            "clients": 5,
+            "betas": sorted({r[1] for r in runs}, reverse=True),
+            "rounds": runs[0][4],
+            "seeds": f"{seed}..{seed + max(r[3] for r in runs) - 1}",
+            "local training": "SGD lr 0.01, momentum 0.5, wd 5e-4, batch 50, 1 epoch; FedLD λ=0.1, k=0.8",
+            "engine": "Flower simulation (Ray), one ServerApp + 5 ClientApps",
+        },
+    )
+    results: dict[str, Any] = {}
+    tables: dict[tuple[str, float], Any] = {}
+    for dataset, beta, methods, seeds, rounds in runs:
+        folder = Path(out) / f"{dataset}_beta{beta:g}"
+        cfg = ExperimentConfig(
+            dataset=dataset,
+            data_dir=data_dir if dataset != "digits" else None,
+            clients=5,
+            beta=beta,
+            methods=methods,
+            rounds=rounds,
+            seeds=seeds,
+            first_seed=seed,
+        )
+        summary = run_experiment(cfg, folder, echo=lambda _m: None)
+        tables[(dataset, beta)] = (summary, folder)
+    for (dataset, beta), (summary, folder) in tables.items():
+        cols, rows = summary_table(summary)
+        section.table(f"{dataset}, beta={beta:g}", cols, rows, note="mean ± std over seeds")
+        if (folder / "accuracy.png").is_file():
+            section.figure(f"{dataset}, beta={beta:g}: test accuracy vs round", folder / "accuracy.png")
+        if (folder / "label_histogram.png").is_file() and beta == min(b for (d, b) in tables if d == dataset):
+            section.figure(
+                f"{dataset}, beta={beta:g}: label counts per client", folder / "label_histogram.png"
+            )
+        for method, m in summary["methods"].items():
+            results[f"{dataset}/beta={beta:g}/{method}"] = {
+                "test_accuracy_val_chosen": m["best"]["accuracy"]["mean"],
+                "test_balanced_accuracy_val_chosen": m["best"]["balanced_accuracy"]["mean"],
+                "final_test_accuracy": m["final"]["accuracy"]["mean"],
+                "update_ratio_median": m["update_ratio_median"]["mean"],
+                "seeds": len(m["seeds"]),
+            }
+    section.results = results
+    section.text(
+        "Best round chosen on validation accuracy; test numbers read at that round. The update ratio is "
+        "||FedLD update|| / ||FedAvg update|| on the same client deltas (median over rounds)."
+    )
+    return section
