@@ -311,3 +311,20 @@ def test_evaluate_aggregate_reports_weighted_unweighted_and_per_client():
     assert out["accuracy-unweighted"] == pytest.approx(0.7)
     assert out["client-accuracy"] == [0.5, 0.9]  # partition order
     assert out["client-partition"] == [0, 1]
+
+
+def test_package_exports_are_lazy_and_complete():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, robustlab.fedld, robustlab.fedld.cli\n"
+        "assert not {'flwr', 'torch', 'ray'} & set(sys.modules), sorted({'flwr', 'torch', 'ray'} & set(sys.modules))\n"
+        "from robustlab.fedld import FedLD, FedAvg, MOON, Scaffold, STRATEGIES\n"
+        "from flwr.serverapp.strategy import FedAvg as F\n"
+        "assert issubclass(FedLD, F) and issubclass(MOON, F) and issubclass(Scaffold, F)\n"
+        "print(len(STRATEGIES))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "11"
