@@ -275,7 +275,11 @@ def test_bad_ratio_unknown_target_and_existing_out_are_user_errors(two_adapters,
             tmp_path / "o2",
             targets=["nonexistent"],
         )
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    with pytest.raises(UserError, match="outside the LoRA adapter"):
+        M.realign_from_paths(
+            two_adapters["base"], two_adapters["ft"], None, calib, 0.1, tmp_path / "o4", targets="all-linear"
+        )
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o4"))
     (tmp_path / "o3").mkdir()
     (tmp_path / "o3" / "x").write_text("keep me")
     with pytest.raises(UserError, match="already exists"):

@@ -383,6 +383,7 @@ def test_target_lists_suffixes_and_regexes():
         n for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)
     }
     assert "lm_head" in R.resolve_targets(model, ["lm_head"])
+    assert set(R.resolve_targets(model, "down_proj")) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
     assert len(R.resolve_targets(model, "all-linear")) == 2 * 7
 
 

@@ -13,12 +13,13 @@ offline all raise :class:`~robustlab.errors.UserError`. Weights load through saf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,16 @@ def _resolve_dtype(dtype: Any) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
+@contextlib.contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    """Hide transformers' deprecation chatter that peft triggers while loading an adapter."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
+        yield
+
+
 def load_model(
     base: str | os.PathLike,
     align_adapter: str | os.PathLike | None = None,
@@ -284,13 +295,15 @@ def load_model(
         from peft import PeftModel
 
         check_adapter(model, align_path, source, role="alignment")
-        model = PeftModel.from_pretrained(model, str(align_path), adapter_name="alignment")
+        with _quiet_warnings():
+            model = PeftModel.from_pretrained(model, str(align_path), adapter_name="alignment")
         model = model.merge_and_unload()
     if adapter_path is not None:
         from peft import PeftModel
 
         check_adapter(model, adapter_path, source, role="fine-tuning")
-        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+        with _quiet_warnings():
+            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -428,6 +441,13 @@ def realign_from_paths(
         device=device,
     )
     chosen = resolve_targets(model, targets)
+    if adapter is not None:
+        outside = [n for n in chosen if ".lora_" not in n]
+        if outside:
+            raise UserError(
+                f"targets {outside[:2]} lie outside the LoRA adapter, so a saved adapter could not hold their pruned weights",
+                "use --targets auto (the adapter's A and B matrices), or merge the adapter into the model and re-align that without --adapter",
+            )
     batches = calibration_batches(
         tokenizer, calibration_texts(rows), batch_size=batch_size, max_length=max_length
     )

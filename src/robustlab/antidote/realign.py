@@ -148,7 +148,8 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> 
     - ``"lora"``: the LoRA A and B matrices of the active adapter(s) (``...lora_A.<name>``, ``...lora_B.<name>``).
     - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` of the model except the output embedding (lm_head);
       embeddings are ``nn.Embedding`` and never included. Name ``lm_head`` explicitly to include it.
-    - any other string: a regular expression, searched in every module name (``re.search``).
+    - any other string: a regular expression searched in every module name (``re.search``), or, when it has
+      no regex syntax, a module name / dotted suffix as in a list.
     - a list of strings: each entry is an exact module name, a dotted suffix of module names (``"q_proj"``
       selects every ``...q_proj``), or ``"re:<regex>"``.
 
@@ -182,7 +183,8 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> 
         return chosen
 
     if isinstance(targets, str):
-        entries: list[str] = [f"re:{targets}"]
+        # a plain name such as "q_proj" is a name/suffix; anything with regex syntax is a regex
+        entries: list[str] = [f"re:{targets}" if set(targets) & set("\\^$.*+?[](){}|") else targets]
     elif isinstance(targets, Sequence) and targets and all(isinstance(t, str) for t in targets):
         entries = list(targets)
     else:
@@ -204,7 +206,7 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str] = "auto") -> 
         else:
             hits = {n: m for n, m in prunable.items() if n == entry or n.endswith("." + entry)}
         if not hits:
-            example = ", ".join(list(prunable)[:4])
+            example = ", ".join([n for n in prunable if not n.endswith(".base_layer")][:4])
             raise UserError(
                 f"target {entry!r} matches no Linear/Conv1D module of the model",
                 f"use module names from model.named_modules() (e.g. {example}), a suffix such as 'q_proj', or 'all-linear'",
