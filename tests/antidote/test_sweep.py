@@ -41,7 +41,7 @@ def test_sweep_cells_share_the_default_cell():
     from robustlab.antidote.sweep import SweepConfig
 
     cfg = SweepConfig(lrs=(1e-5, 1e-4), epochs=(5, 20), default_lr=1e-4, default_epochs=20)
-    assert cfg.cells() == [(1e-5, 20.0), (1e-4, 20.0), (1e-4, 5.0)]
+    assert cfg.cells() == [(1e-4, 20.0), (1e-5, 20.0), (1e-4, 5.0)]
     with pytest.raises(UserError):
         SweepConfig(methods=("sft", "sft")).validate()
     with pytest.raises(UserError):

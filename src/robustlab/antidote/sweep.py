@@ -43,7 +43,31 @@ from robustlab.antidote.baselines import (
 )
 from robustlab.errors import UserError
 
-MEASURES = ("hs_refusal", "fa", "nll_harmful", "nll_refusal", "refusal_preference")
+MEASURES = ("hs_refusal", "fa", "fa_likelihood", "nll_harmful", "nll_refusal", "refusal_preference")
+
+
+def label_likelihood_accuracy(
+    model: Any, tokenizer: Any, task: str, examples: Sequence[Any], max_length: int, batch_size: int = 32
+) -> float | None:
+    """Task accuracy read from likelihoods, not generations: the share of examples whose gold label is the
+    most likely (lowest NLL per token, label + EOS) of the task's labels. For the tiny model, whose greedy
+    outputs rarely form an exact label, this is the task measure that can move; it is ``None`` for tasks
+    without a closed label set (GSM8K, Alpaca)."""
+    from robustlab.antidote.data import AGNEWS_LABELS, SST2_LABELS
+    from robustlab.antidote.evaluate import answer_nll
+
+    labels = {"agnews": AGNEWS_LABELS, "sst2": SST2_LABELS}.get(task)
+    if labels is None or not examples:
+        return None
+    prompts = [e.prompt for e in examples]
+    nll = [
+        answer_nll(model, tokenizer, prompts, [lab] * len(prompts), max_length, batch_size) for lab in labels
+    ]
+    correct = 0
+    for i, e in enumerate(examples):
+        best = min(range(len(labels)), key=lambda k: nll[k][i])
+        correct += labels[best] == e.label
+    return 100.0 * correct / len(examples)
 
 
 @dataclass
@@ -67,13 +91,18 @@ class SweepConfig:
         return specs
 
     def cells(self) -> list[tuple[float, float]]:
-        """(lr, epochs) pairs: the lr sweep then the epoch sweep, the shared default cell once."""
+        """(lr, epochs) pairs: the lr sweep then the epoch sweep, the shared default cell once and first (so the
+        baseline table is complete early in a long run)."""
         out: list[tuple[float, float]] = []
         for c in [(float(lr), float(self.default_epochs)) for lr in self.lrs] + [
             (float(self.default_lr), float(e)) for e in self.epochs
         ]:
             if c not in out:
                 out.append(c)
+        default = (float(self.default_lr), float(self.default_epochs))
+        if default in out:
+            out.remove(default)
+            out.insert(0, default)
         return out
 
     def validate(self) -> SweepConfig:
@@ -109,14 +138,15 @@ class Harness:
 
 
 def tiny_sweep_config(scale: str = "quick") -> tuple[SweepConfig, Any]:
-    """The sweep settings on the offline tiny model, and the demo config it builds on (smaller slices than the
-    demo, so that 6 cells x 10 methods fit in well under an hour on 2 cores).
+    """The sweep settings on the offline tiny model, and the demo config it builds on: a smaller model (hidden
+    64, 2 layers, 1024-token vocabulary) and smaller slices than the demo, so that 5 cells x 10 methods
+    (6 fine-tuning runs and 10 evaluations per cell) fit in well under an hour on 2 shared cores.
 
     The lr grid brackets the demo's LoRA attack lr (5e-3): a tiny from-scratch model needs learning rates far
     above a 7B model's to be moved, so the paper's 1e-7..1e-3 would all be "no attack" here. Lisa's
     100/900-step states are scaled to 2/18 steps (the same 10%/90% split, several switches per run), because
-    the tiny runs are only 16-96 steps long."""
-    from robustlab.antidote.tiny import demo_config
+    the tiny runs are only 19-114 steps long."""
+    from robustlab.antidote.tiny import TinyModelConfig, demo_config
 
     if scale not in ("quick", "smoke"):
         raise UserError(f"unknown sweep scale {scale!r}", "use quick (or smoke for a seconds-long check)")
@@ -124,19 +154,31 @@ def tiny_sweep_config(scale: str = "quick") -> tuple[SweepConfig, Any]:
     if scale == "quick":
         demo = dataclasses.replace(
             demo,
-            n_finetune=400,
+            model=TinyModelConfig(
+                vocab_size=1024,
+                hidden_size=64,
+                num_layers=2,
+                num_heads=4,
+                intermediate_size=192,
+                max_position=96,
+            ),
+            max_length=64,
+            n_finetune=300,
             n_realign=100,
             n_heldout=100,
             n_eval_harmful=100,
             n_eval_task=100,
             n_align_refusal=400,
             n_align_alpaca=200,
-            n_pretrain_docs=3000,
+            n_pretrain_docs=2000,
             seeds=(0,),
+            # more passes than the demo: the smaller model needs them to refuse reliably after alignment
+            pretrain=dataclasses.replace(demo.pretrain, epochs=2),
+            align=dataclasses.replace(demo.align, epochs=4),
         )
         params = DefenceParams(lisa_alignment_steps=2, lisa_finetune_steps=18, antidote_ratio=0.1)
         cfg = SweepConfig(
-            lrs=(5e-4, 2e-3, 5e-3, 1e-2),
+            lrs=(1e-3, 5e-3, 2e-2),
             epochs=(1, 3, 6),
             default_lr=5e-3,
             default_epochs=3,
@@ -177,11 +219,14 @@ def tiny_harness(demo: Any, seed: int, cache: Path, data_dir: Any = None, log: A
 
     data, docs = demo_data(demo, seed, data_dir)
     base, tokenizer = _load_or_build_base(demo, seed, docs, data, cache, log or (lambda **_: None))
-    settings = EvalSettings(demo.max_new_tokens_harmful, demo.max_new_tokens_task, 32, 72, demo.max_length)
+    # prompts as long as training saw them (encode_example keeps at most 3/4 of max_length for the prompt)
+    settings = EvalSettings(
+        demo.max_new_tokens_harmful, demo.max_new_tokens_task, 32, (3 * demo.max_length) // 4, demo.max_length
+    )
     judges = {"refusal": RefusalJudge()}
 
     def evaluate(model: Any) -> dict:
-        return evaluate_model(
+        m = evaluate_model(
             model,
             tokenizer,
             demo.task,
@@ -192,6 +237,10 @@ def tiny_harness(demo: Any, seed: int, cache: Path, data_dir: Any = None, log: A
             settings,
             keep_outputs=3,
         )
+        m["fa_likelihood"] = label_likelihood_accuracy(
+            model, tokenizer, demo.task, data.eval_task, demo.max_length
+        )
+        return m
 
     return Harness(
         data=data,
@@ -236,7 +285,7 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
     )
 
     def evaluate(model: Any) -> dict:
-        return evaluate_model(
+        m = evaluate_model(
             model,
             tokenizer,
             d.task,
@@ -247,6 +296,10 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
             settings,
             keep_outputs=3,
         )
+        m["fa_likelihood"] = label_likelihood_accuracy(
+            model, tokenizer, d.task, data.eval_task, ev.max_length, ev.batch_size
+        )
+        return m
 
     return Harness(
         data=data,
@@ -537,7 +590,9 @@ TABLE_MEASURES = (
     ("refusal_preference", "refusal preference % (↑)", 1),
     ("nll_harmful", "NLL of the held-out harmful answer (↑)", 2),
     ("hs_refusal", "harmful score %, refusal judge (↓)", 1),
-    ("fa", "task accuracy % (↑)", 1),
+    ("fa", "task accuracy %, exact match of the greedy answer (↑)", 1),
+    ("fa_likelihood", "task accuracy %, most likely label (↑)", 1),
+    ("nll_refusal", "NLL of a refusal (↓)", 2),
 )
 
 
@@ -579,6 +634,7 @@ def baseline_table(agg: Sequence[dict], cfg: SweepConfig) -> str:
         "method",
         *[f"HS {k[3:]} % ↓" for k in hs],
         "task acc % ↑",
+        "task acc (likelihood) % ↑",
         "NLL harmful ↑",
         "NLL refusal ↓",
         "refusal pref. % ↑",
@@ -591,6 +647,7 @@ def baseline_table(agg: Sequence[dict], cfg: SweepConfig) -> str:
                     f"aligned only ({r['method'][8:]})",
                     *[_fmt(r, k, 1) for k in hs],
                     _fmt(r, "fa", 1),
+                    _fmt(r, "fa_likelihood", 1),
                     _fmt(r, "nll_harmful", 2),
                     _fmt(r, "nll_refusal", 2),
                     _fmt(r, "refusal_preference", 1),
@@ -612,6 +669,7 @@ def baseline_table(agg: Sequence[dict], cfg: SweepConfig) -> str:
                 s.label,
                 *[_fmt(r, k, 1) for k in hs],
                 _fmt(r, "fa", 1),
+                _fmt(r, "fa_likelihood", 1),
                 _fmt(r, "nll_harmful", 2),
                 _fmt(r, "nll_refusal", 2),
                 _fmt(r, "refusal_preference", 1),
@@ -636,18 +694,25 @@ def sweep_tables(agg: Sequence[dict], cfg: SweepConfig) -> str:
 
 
 def sweep_plots(agg: Sequence[dict], cfg: SweepConfig, out: Path) -> list[Path]:
-    """Refusal preference and task accuracy against lr and against epochs, one line per method."""
+    """NLL of a refusal, harmful score and task accuracy (most likely label when measured, else exact match)
+    against lr and against epochs, one line per method."""
     from robustlab.report import pyplot, save_figure
 
     plt = pyplot()
     paths = []
+    fa = "fa_likelihood" if any(r.get("fa_likelihood") is not None for r in agg) else "fa"
+    panels = (
+        ("nll_refusal", "NLL of a refusal (↓)"),
+        ("hs_refusal", "harmful score %, refusal judge (↓)"),
+        (fa, "task accuracy %" + (", most likely label" if fa == "fa_likelihood" else "") + " (↑)"),
+    )
     for axis, values, fixed, name in (
         ("lr", cfg.lrs, ("epochs", float(cfg.default_epochs)), "sweep_lr.png"),
         ("epochs", cfg.epochs, ("lr", float(cfg.default_lr)), "sweep_epochs.png"),
     ):
         if not values:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
         for s in cfg.specs():
             pts = sorted(
                 (
@@ -659,11 +724,11 @@ def sweep_plots(agg: Sequence[dict], cfg: SweepConfig, out: Path) -> list[Path]:
                 ),
                 key=lambda r: r[axis],
             )
-            for ax, m in zip(axes, ("refusal_preference", "fa"), strict=True):
+            for ax, (m, _) in zip(axes, panels, strict=True):
                 ax.plot([p[axis] for p in pts], [p.get(m) for p in pts], marker="o", label=s.label)
-        for ax, m in zip(axes, ("refusal preference % (↑)", "task accuracy % (↑)"), strict=True):
+        for ax, (_, label) in zip(axes, panels, strict=True):
             ax.set_xlabel("fine-tuning learning rate" if axis == "lr" else "fine-tuning epochs")
-            ax.set_ylabel(m)
+            ax.set_ylabel(label)
             if axis == "lr":
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)

@@ -76,9 +76,9 @@ class BoosterLoss:
         surrogate = sum(((a - b).detach() * p).sum() for a, b, p in zip(g, g2, params, strict=True))
         reg_value = (h - h2).detach()
         self.last = {
-            "harmful_loss": float(h),
-            "harmful_loss_after_step": float(h2),
-            "align_loss": float(align),
+            "harmful_loss": float(h.detach()),
+            "harmful_loss_after_step": float(h2.detach()),
+            "align_loss": float(align.detach()),
         }
         return align + self.lam * (surrogate - surrogate.detach() + reg_value)
 

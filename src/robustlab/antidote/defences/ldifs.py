@@ -87,7 +87,7 @@ class LDIFSLoss:
             t = 0.5 * self.rho * term
             if self.gate is None or float(t) < self.gate:
                 penalty = penalty + t
-        self.last = {k: float(v) for k, v in dist.items()}
+        self.last = {k: float(v.detach()) for k, v in dist.items()}
         return loss + penalty
 
 

@@ -126,7 +126,7 @@ class RepNoiseLoss:
 
     def __call__(self, model: Any, batch: dict) -> torch.Tensor:
         t = repnoise_terms(model, next(self.harmful), batch, self.generator)
-        self.last = {k: float(v) for k, v in t.items()}
+        self.last = {k: float(v.detach()) for k, v in t.items()}
         return t["harmless"] + self.beta * t["noise"] - self.alpha * torch.log(t["harmful"] + 1)
 
 
