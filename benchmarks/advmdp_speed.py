@@ -182,11 +182,14 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "advmdp_speed.json"
-    out.write_text(
-        json.dumps(
-            {"instance": "standard H=5 n=20 A=5 d=8 seed 0", "mode": "oracle", "results": rows}, indent=2
-        )
-    )
+    record = {
+        "instance": "standard H=5 n=20 A=5 d=8 seed 0",
+        "mode": "oracle",
+        "load_average_1min_at_end": os.getloadavg()[0],  # the machine is shared: numbers scale with the load
+        "cpu_count": os.cpu_count(),
+        "results": rows,
+    }
+    out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 
 
