@@ -107,11 +107,16 @@ def tune(
 
 
 @app.command()
-def summarize(out: Path = typer.Option(..., help="A regret run folder.")) -> None:
+def summarize(
+    out: Path = typer.Option(..., help="A regret run folder."),
+    per_algorithm: bool = typer.Option(
+        False, help="Use every K each algorithm has finished (default: only K finished by all)."
+    ),
+) -> None:
     """Summarise the finished cells of a (possibly still running) regret run: table + partial plot."""
     from robustlab.advmdp.experiment import summarise_folder
 
-    summarise_folder(out, echo=typer.echo)
+    summarise_folder(out, echo=typer.echo, per_algorithm=per_algorithm)
 
 
 @app.command("algorithms")

@@ -438,7 +438,9 @@ def _tune_job(config: dict, name: str, loss_name: str) -> dict:
     return {"grid": grid, "mean_regret": reg.tolist(), "seconds": res.seconds}
 
 
-def summarise_folder(out: str | Path, echo: Callable[[str], None] = print) -> dict:
+def summarise_folder(
+    out: str | Path, echo: Callable[[str], None] = print, per_algorithm: bool = False
+) -> dict:
     """Summarise the finished cells of a run folder without running anything (e.g. while a sweep is
     still going). Only K values finished by every algorithm enter; writes ``summary_partial.json`` and
     ``regret_partial.png`` (the full ``summary.json`` is written by :func:`run_regret` at the end)."""
@@ -455,6 +457,12 @@ def summarise_folder(out: str | Path, echo: Callable[[str], None] = print) -> di
     cfg = RegretConfig(**yaml.safe_load(cfg_file.read_text()))
     run = RunDir(out)
     Ks = [k for k in cfg.K if all(run.is_done(cell_key(algorithm=a, K=k)) for a in cfg.algorithms)]
+    done = {a: [k for k in cfg.K if run.is_done(cell_key(algorithm=a, K=k))] for a in cfg.algorithms}
+    if per_algorithm and all(len(v) >= 2 for v in done.values()):
+        Ks = sorted({k for v in done.values() for k in v})
+    else:
+        per_algorithm = False
+        done = {a: Ks for a in cfg.algorithms}
     if not Ks:
         raise UserError(f"no K value in {out} is finished for every algorithm yet", "wait for the run")
     mdp = make_instance(cfg.instance, cfg.instance_seed)
@@ -466,9 +474,11 @@ def summarise_folder(out: str | Path, echo: Callable[[str], None] = print) -> di
         "seeds": cfg.seeds,
         "partial": True,
         "K_finished": Ks,
-        "slope_fit": "least squares of log mean regret on log K over every finished K",
+        "slope_fit": "least squares of log mean regret on log K over every finished K"
+        + (" of that algorithm" if per_algorithm else ""),
         "algorithms": {
-            a: summarise({k: run.load(cell_key(algorithm=a, K=k)) for k in Ks}, rng) for a in cfg.algorithms
+            a: summarise({k: run.load(cell_key(algorithm=a, K=k)) for k in done[a]}, rng)
+            for a in cfg.algorithms
         },
     }
     plot_regret(summary, out / "regret_partial.png", f"{mdp.name}, {cfg.losses} losses (K finished: {Ks})")
