@@ -712,9 +712,10 @@ def save_realigned(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True) if _accepts(
-        model.save_pretrained, "safe_serialization"
-    ) else model.save_pretrained(str(out))
+    if _accepts(model.save_pretrained, "safe_serialization"):
+        model.save_pretrained(str(out), safe_serialization=True)
+    else:  # transformers 5 always writes safetensors and dropped the flag
+        model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     save_file(
