@@ -513,3 +513,22 @@ def test_save_realigned_lora_saves_the_pruned_adapter(tmp_path):
     for name, mask in result.masks.items():
         assert torch.all(named[name].weight[mask] == 0)
         assert int((named[name].weight != 0).sum()) == mask.numel() - int(mask.sum())
+
+
+def test_scoring_only_reads_the_model():
+    """Hooks collect statistics only: weights, outputs and the train/eval mode are unchanged afterwards."""
+    model = tiny("llama")
+    model.train()
+    ids = torch.randint(3, VOCAB, (1, 9))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.train()
+    R.wanda_scores(model, pad_batches(sequences(), 3, left=True))
+    assert model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
