@@ -1,10 +1,15 @@
-"""``robustlab antidote sweep``: the robustness sweep over fine-tuning learning rates and epochs.
+"""The baselines' commands: ``sweep`` (every method across fine-tuning learning rates and epochs) and
+``pipeline`` (the harmful fine-tuning pipeline with a ``method:``).
 
-Kept apart from ``cli.py`` and imported lazily (no torch at import time); ``cli.py`` registers :func:`sweep`.
+Run them as ``python -m robustlab.antidote.sweep_cli sweep ...`` / ``... pipeline --config FILE``. They are
+meant to be mounted under ``robustlab antidote`` (two lines in ``antidote/cli.py``:
+``from robustlab.antidote.sweep_cli import method_pipeline, sweep``; ``app.command(name="sweep")(sweep)``).
+No torch at import time.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -127,3 +132,52 @@ def sweep(
         res = run_sweep(cfg, out, lambda seed, cache, log: pipeline_harness(pcfg, seed, cache), record, echo)
     typer.echo(res["tables"])
     typer.echo(f"tables: {Path(out) / 'sweep_tables.md'}; plots: {', '.join(res['figures'])}")
+
+
+def method_pipeline(
+    config: Path = typer.Option(..., "--config", help="Pipeline YAML plus method: and defences: keys."),
+    out: Path = typer.Option(None, "--out", help="Run folder [default: runs/antidote/<config name>]."),
+    method: str = typer.Option(
+        None, "--method", help="Overrides the config's method:, e.g. vaccine+sft+antidote."
+    ),
+) -> None:
+    """Align -> fine-tune -> (SafeLoRA / RESTA) -> Antidote -> evaluate, with the chosen defences."""
+    from robustlab.antidote.baselines_pipeline import load_method_config
+
+    mcfg = load_method_config(config, {"method": method} if method else None)
+    out = out or Path("runs") / "antidote" / config.stem
+    from robustlab.antidote.cli import _quiet
+
+    _quiet()
+    from robustlab.antidote.baselines_pipeline import run_method_pipeline
+
+    summary = run_method_pipeline(mcfg, out, echo=typer.echo)
+    typer.echo(summary["table"])
+    typer.echo(f"run folder: {out}")
+
+
+app = typer.Typer(
+    name="antidote-baselines",
+    help="Antidote's baselines: the robustness sweep and the pipeline with a method.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command(name="sweep")(sweep)
+app.command(name="pipeline")(method_pipeline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a ``UserError`` is one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="python -m robustlab.antidote.sweep_cli", standalone_mode=True)
+    except UserError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
