@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=5)
     args = ap.parse_args()
 
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback; before it is imported
     import torch
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation

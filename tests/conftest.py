@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Keep Ray (Flower's simulation engine) on loopback in every test, whichever module imports it first.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from robustlab.paths import shared_data_dir
 

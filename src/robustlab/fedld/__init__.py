@@ -13,7 +13,12 @@ Experiments: :func:`run_experiment`, :class:`ExperimentConfig`.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Ray picks the host's outward-facing interface address for a single-machine simulation; keep every
+# simulation on loopback (127.0.0.1) unless the user configured Ray otherwise. Set before Ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _EXPORTS: dict[str, str] = {
     # strategies
