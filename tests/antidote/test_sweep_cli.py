@@ -1,11 +1,11 @@
-"""The baselines' commands (``python -m robustlab.antidote.sweep_cli sweep|pipeline``): bad input is one line
+"""The baselines' commands (``robustlab antidote sweep|pipeline``): bad input is one line
 and exit 2, with no run folder written."""
 
 from __future__ import annotations
 
 import pytest
 
-from robustlab.antidote.sweep_cli import main
+from robustlab.cli import main
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ from robustlab.antidote.sweep_cli import main
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args):
     out = tmp_path / "sweep"
-    code = main(["sweep", "--out", str(out), *args])
+    code = main(["antidote", "sweep", "--out", str(out), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:")
@@ -35,7 +35,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args):
 def test_pipeline_bad_method_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("base: /nowhere\nmethod: vaccine+bogus\n")
-    code = main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    code = main(["antidote", "pipeline", "--config", str(cfg), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "bogus" in err[0]
     assert not (tmp_path / "run").exists()

@@ -93,24 +93,6 @@ def realign(
 
 
 @app.command()
-def pipeline(
-    config: Path = typer.Option(..., "--config", help="YAML config (keys of PipelineConfig; see docs)."),
-    out: Path = typer.Option(None, "--out", help="Run folder [default: runs/antidote/<config name>]."),
-) -> None:
-    """Align -> harmful fine-tune -> re-align (mask-ratio sweep) -> evaluate; resumable, stage by stage."""
-    from robustlab.antidote.pipeline import load_config
-
-    cfg = load_config(config)
-    out = out or Path("runs") / "antidote" / config.stem
-    _quiet()
-    from robustlab.antidote.pipeline import run_pipeline
-
-    summary = run_pipeline(cfg, out, echo=typer.echo)
-    typer.echo(summary["table"])
-    typer.echo(f"run folder: {out}")
-
-
-@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/antidote/demo"), "--out", help="Run folder (a rerun resumes)."),
     scale: str = typer.Option("quick", "--scale", help="quick (<= 8 min on 2 cores) or full."),
@@ -140,3 +122,11 @@ def demo(
     typer.echo(markdown_table(res["columns"], res["table"]))
     typer.echo(markdown_table(res["paired_columns"], res["paired_table"]))
     typer.echo(f"trade-off plot: {res['figure']}  ({res['seconds']} s)")
+
+
+# The pipeline command takes a ``method:`` (issue 6's defences, e.g. ``vaccine+sft+antidote``); without one
+# it is the plain align -> fine-tune -> re-align -> evaluate pipeline. ``sweep`` is the robustness sweep.
+from robustlab.antidote.sweep_cli import method_pipeline, sweep  # noqa: E402
+
+app.command(name="pipeline")(method_pipeline)
+app.command(name="sweep")(sweep)

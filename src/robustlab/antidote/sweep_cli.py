@@ -1,15 +1,12 @@
 """The baselines' commands: ``sweep`` (every method across fine-tuning learning rates and epochs) and
 ``pipeline`` (the harmful fine-tuning pipeline with a ``method:``).
 
-Run them as ``python -m robustlab.antidote.sweep_cli sweep ...`` / ``... pipeline --config FILE``. They are
-meant to be mounted under ``robustlab antidote`` (two lines in ``antidote/cli.py``:
-``from robustlab.antidote.sweep_cli import method_pipeline, sweep``; ``app.command(name="sweep")(sweep)``).
+Mounted by ``antidote/cli.py`` as ``robustlab antidote sweep`` and ``robustlab antidote pipeline``.
 No torch at import time.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -154,30 +151,3 @@ def method_pipeline(
     summary = run_method_pipeline(mcfg, out, echo=typer.echo)
     typer.echo(summary["table"])
     typer.echo(f"run folder: {out}")
-
-
-app = typer.Typer(
-    name="antidote-baselines",
-    help="Antidote's baselines: the robustness sweep and the pipeline with a method.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-app.command(name="sweep")(sweep)
-app.command(name="pipeline")(method_pipeline)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: a ``UserError`` is one line on stderr and exit code 2."""
-    try:
-        app(args=argv, prog_name="python -m robustlab.antidote.sweep_cli", standalone_mode=True)
-    except UserError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
