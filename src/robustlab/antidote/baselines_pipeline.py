@@ -36,22 +36,9 @@ class MethodPipelineConfig:
 
 def load_method_config(path: str | Path | None = None, overrides: dict | None = None) -> MethodPipelineConfig:
     """The pipeline config (file, then ``overrides``) with ``method`` and ``defences`` taken out and checked."""
-    import yaml
+    from robustlab.antidote.pipeline import _merge, load_config, read_config_file
 
-    from robustlab.antidote.pipeline import _merge, load_config
-
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found", "pass an existing YAML file to --config")
-        try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {p} is not valid YAML ({exc})", "fix the YAML syntax") from exc
-        if not isinstance(values, dict):
-            raise UserError(f"config file {p} must hold a mapping", "fix the YAML")
-    values = _merge(values, overrides or {})
+    values = _merge(read_config_file(path), overrides or {})
     method = values.pop("method", None)
     raw = values.pop("defences", None) or {}
     if not isinstance(raw, dict):

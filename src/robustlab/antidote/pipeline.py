@@ -122,20 +122,27 @@ def _from_dict(cls: type, values: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
-    """Defaults, then the YAML file, then ``overrides`` (same nesting). Unknown keys are a ``UserError``."""
+def read_config_file(path: str | Path | None) -> dict:
+    """The mapping in a YAML config file (``{}`` for no file); a missing or malformed file is a ``UserError``."""
     import yaml
 
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found", "pass an existing YAML file to --config")
-        try:
-            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {p} is not valid YAML ({exc})", "fix the YAML syntax") from exc
-    merged = _merge(values, overrides or {})
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found", "pass an existing YAML file to --config")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {p} is not valid YAML ({exc})", "fix the YAML syntax") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"config file {p} must hold a mapping", "fix the YAML")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then ``overrides`` (same nesting). Unknown keys are a ``UserError``."""
+    merged = _merge(read_config_file(path), overrides or {})
     cfg = _from_dict(PipelineConfig, merged, "")
     validate(cfg)
     return cfg
