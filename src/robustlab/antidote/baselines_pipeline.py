@@ -97,10 +97,9 @@ def registered_stage_methods(data: Any, params: DefenceParams, data_dir: Any) ->
 def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any = print) -> dict[str, Any]:
     """Run (or resume) the pipeline for one method into ``out``; returns the pipeline summary with the post
     step's row added (``results.md`` and ``summary.json`` are rewritten with it)."""
-    from robustlab.antidote.data import build_harmful_finetuning
     from robustlab.antidote.evaluate import EvalSettings, evaluate_model
     from robustlab.antidote.models import load_model
-    from robustlab.antidote.pipeline import make_judges, results_table, run_pipeline
+    from robustlab.antidote.pipeline import make_judges, pipeline_data, results_table, run_pipeline
     from robustlab.runs import RunDir, atomic_write_json, cell_key, read_json
 
     cfg, spec, params = mcfg.pipeline, mcfg.spec, mcfg.defences
@@ -113,20 +112,7 @@ def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any =
             "choose another --out folder, or rerun with the same settings to resume",
         )
     d = cfg.data
-    data = build_harmful_finetuning(
-        task=d.task,
-        n=d.n,
-        harmful_ratio=d.harmful_ratio,
-        n_align=d.n_align,
-        n_realign=d.n_realign,
-        n_heldout=d.n_heldout,
-        n_eval_harmful=d.n_eval_harmful,
-        n_eval_task=d.n_eval_task,
-        align_with_refusals=d.align_with_refusals,
-        align_with_safe_pairs=d.align_with_safe_pairs,
-        data_dir=d.data_dir,
-        seed=cfg.seed,
-    )  # the same slices run_pipeline builds (same arguments, same seed)
+    data = pipeline_data(cfg)  # the same slices run_pipeline builds
     with registered_stage_methods(data, params, d.data_dir):
         summary = run_pipeline(cfg, out, echo=echo)
     atomic_write_json(record_file, record)

@@ -222,7 +222,28 @@ def make_judges(
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _save(model: Any, tokenizer: Any, folder: Path) -> None:
+def pipeline_data(cfg: PipelineConfig, seed: int | None = None) -> Any:
+    """The pipeline's disjoint data slices for ``cfg.data`` (seed: ``cfg.seed`` unless given)."""
+    from robustlab.antidote.data import build_harmful_finetuning
+
+    d = cfg.data
+    return build_harmful_finetuning(
+        task=d.task,
+        n=d.n,
+        harmful_ratio=d.harmful_ratio,
+        n_align=d.n_align,
+        n_realign=d.n_realign,
+        n_heldout=d.n_heldout,
+        n_eval_harmful=d.n_eval_harmful,
+        n_eval_task=d.n_eval_task,
+        align_with_refusals=d.align_with_refusals,
+        align_with_safe_pairs=d.align_with_safe_pairs,
+        data_dir=d.data_dir,
+        seed=cfg.seed if seed is None else seed,
+    )
+
+
+def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
     import shutil
 
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -240,7 +261,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
     """Run (or resume) the whole pipeline into ``out``; returns the summary (also in ``summary.json``)."""
     import copy
 
-    from robustlab.antidote.data import build_harmful_finetuning
     from robustlab.antidote.evaluate import EvalSettings, evaluate_model
     from robustlab.antidote.models import load_model
     from robustlab.antidote.realign import (
@@ -258,20 +278,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
     from robustlab.runs import RunDir, cell_key, seed_everything
 
     validate(cfg)
-    data = build_harmful_finetuning(
-        task=cfg.data.task,
-        n=cfg.data.n,
-        harmful_ratio=cfg.data.harmful_ratio,
-        n_align=cfg.data.n_align,
-        n_realign=cfg.data.n_realign,
-        n_heldout=cfg.data.n_heldout,
-        n_eval_harmful=cfg.data.n_eval_harmful,
-        n_eval_task=cfg.data.n_eval_task,
-        align_with_refusals=cfg.data.align_with_refusals,
-        align_with_safe_pairs=cfg.data.align_with_safe_pairs,
-        data_dir=cfg.data.data_dir,
-        seed=cfg.seed,
-    )
+    data = pipeline_data(cfg)
     run = RunDir.open(out, asdict(cfg), seed=cfg.seed)
     stages = run.path / "stages"
     stages.mkdir(exist_ok=True)
@@ -320,7 +327,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
             model, res = stage_method(cfg.align.method)(model, tokenizer, data.alignment, tcfg)
             if tcfg.mode == "lora":
                 model = model.merge_and_unload()  # the official code merges the alignment adapter first
-            _save(model, tokenizer, aligned_dir)
+            save_checkpoint(model, tokenizer, aligned_dir)
             run.save(
                 cell_key(stage="align"),
                 {"steps": res.steps, "loss_last": res.losses[-1], "seconds": res.seconds},
@@ -342,7 +349,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
         echo("finetune: training")
         tcfg = dataclasses.replace(ft.train, seed=cfg.seed)
         ft_model, res = stage_method(ft.method)(copy.deepcopy(model), tokenizer, data.finetune, tcfg)
-        _save(ft_model, tokenizer, ft_dir)
+        save_checkpoint(ft_model, tokenizer, ft_dir)
         run.save(
             cell_key(stage="finetune"),
             {"steps": res.steps, "loss_last": res.losses[-1], "seconds": res.seconds},

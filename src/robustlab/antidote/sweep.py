@@ -257,26 +257,12 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
     """A real model from a :class:`robustlab.antidote.pipeline.PipelineConfig`: its base, data slices, stage
     settings and judges. ``align.skip: true`` treats the base as already aligned (then alignment-stage
     defences cannot run)."""
-    from robustlab.antidote.data import build_harmful_finetuning
     from robustlab.antidote.evaluate import EvalSettings, evaluate_model
     from robustlab.antidote.models import load_model
-    from robustlab.antidote.pipeline import make_judges
+    from robustlab.antidote.pipeline import make_judges, pipeline_data
 
     d = cfg.data
-    data = build_harmful_finetuning(
-        task=d.task,
-        n=d.n,
-        harmful_ratio=d.harmful_ratio,
-        n_align=d.n_align,
-        n_realign=d.n_realign,
-        n_heldout=d.n_heldout,
-        n_eval_harmful=d.n_eval_harmful,
-        n_eval_task=d.n_eval_task,
-        align_with_refusals=d.align_with_refusals,
-        align_with_safe_pairs=d.align_with_safe_pairs,
-        data_dir=d.data_dir,
-        seed=seed,
-    )
+    data = pipeline_data(cfg, seed)
     _, tokenizer = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code)
     judges = make_judges(cfg.evaluate.judges, d.data_dir, cache, seed)
     ev = cfg.evaluate
@@ -316,18 +302,6 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
 # --------------------------------------------------------------------------- the sweep
 
 
-def _save(model: Any, folder: Path, tokenizer: Any = None) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-
-
 def _load_full(folder: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -355,6 +329,7 @@ def _run_seed(
     echo: Callable[[str], None],
 ) -> None:
     """One seed of the sweep: align, fine-tune, apply post-hoc defences, evaluate; finished cells are skipped."""
+    from robustlab.antidote.pipeline import save_checkpoint
     from robustlab.runs import seed_everything
 
     cache = out / "cache"
@@ -402,7 +377,7 @@ def _run_seed(
                     loss_last=res.losses[-1],
                     seconds=round(time.perf_counter() - t, 2),
                 )
-            _save(model, folder)
+            save_checkpoint(model, None, folder)
         return _load_full(folder)
 
     for a, key in ref_keys.items():
@@ -447,7 +422,7 @@ def _run_seed(
                     loss_last=res.losses[-1],
                     seconds=ft_seconds,
                 )
-                _save(ft, folder)
+                save_checkpoint(ft, None, folder)
                 del ft
             for s in todo:
                 if tcfg.mode == "lora":
