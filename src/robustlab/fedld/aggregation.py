@@ -155,15 +155,8 @@ def _gram(flats: Sequence[np.ndarray], scale: float | None = None) -> np.ndarray
     deltas are divided by it first (each block, so squares of huge or tiny entries neither overflow nor
     underflow)."""
     m = len(flats)
-    d = flats[0].size
     gram = np.zeros((m, m), dtype=np.float64)
-    step = _block_size(m)
-    block = np.empty((m, min(step, d)), dtype=np.float64)
-    for start in range(0, d, step):
-        stop = min(start + step, d)
-        b = block[:, : stop - start]
-        for i, f in enumerate(flats):
-            b[i] = f[start:stop]
+    for _start, _stop, b in _column_blocks(flats):
         if scale is not None:
             b /= scale
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # checked by the caller
@@ -173,10 +166,18 @@ def _gram(flats: Sequence[np.ndarray], scale: float | None = None) -> np.ndarray
 
 def _combine(flats: Sequence[np.ndarray], coef: np.ndarray) -> np.ndarray:
     """sum_i coef_i * flats_i in float64, as one matrix-vector product per cache-sized column block."""
+    out = np.empty(flats[0].size, dtype=np.float64)
+    coef = np.ascontiguousarray(coef, dtype=np.float64)
+    for start, stop, b in _column_blocks(flats):
+        np.dot(coef, b, out=out[start:stop])
+    return out
+
+
+def _column_blocks(flats: Sequence[np.ndarray]):
+    """Yield (start, stop, block): the clients' entries start:stop stacked as an m x (stop-start) float64
+    block, cache-sized; the block buffer is reused, so use it before the next step."""
     m = len(flats)
     d = flats[0].size
-    out = np.empty(d, dtype=np.float64)
-    coef = np.ascontiguousarray(coef, dtype=np.float64)
     step = _block_size(m)
     block = np.empty((m, min(step, d)), dtype=np.float64)
     for start in range(0, d, step):
@@ -184,8 +185,7 @@ def _combine(flats: Sequence[np.ndarray], coef: np.ndarray) -> np.ndarray:
         b = block[:, : stop - start]
         for i, f in enumerate(flats):
             b[i] = f[start:stop]
-        np.dot(coef, b, out=out[start:stop])
-    return out
+        yield start, stop, b
 
 
 # --------------------------------------------------------------------------------------------------
