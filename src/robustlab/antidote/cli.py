@@ -98,6 +98,7 @@ def demo(
     scale: str = typer.Option("quick", "--scale", help="quick (<= 8 min on 2 cores) or full."),
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds [default: 0,1,2]."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Staged data folder [default: shared/data]."),
+    workers: int = typer.Option(2, "--workers", help="Processes for the seeds (one torch thread each)."),
 ) -> None:
     """The offline demo: a tiny from-scratch Llama through align -> attack -> Antidote vs controls."""
     from robustlab.antidote.data import resolve_data_dir
@@ -112,11 +113,15 @@ def demo(
             raise UserError(
                 f"--seeds {seeds!r} is not a list of integers", "pass e.g. --seeds 0,1,2"
             ) from exc
+    if workers < 1:
+        raise UserError(
+            f"--workers must be >= 1, got {workers}", "use 2 on a 2-core machine, 1 to run seeds in turn"
+        )
     resolve_data_dir(data_dir)
     _quiet()
     from robustlab.antidote.tiny import run_demo
 
-    res = run_demo(out, scale, seed_list, data_dir)
+    res = run_demo(out, scale, seed_list, data_dir, workers=workers)
     from robustlab.report import markdown_table
 
     typer.echo(markdown_table(res["columns"], res["table"]))

@@ -89,31 +89,23 @@ def finetune_accuracy(task: str, outputs: Sequence[str], examples: Sequence[Exam
     return 100.0 * ok / len(examples)
 
 
-def answer_nll(
+def answer_token_nlls(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
     answers: Sequence[str],
     max_length: int = 256,
     batch_size: int = 16,
-    first_tokens: int | None = None,
-) -> list[float]:
-    """Per-example mean NLL (nats per token) of ``answer`` + EOS given ``prompt``, as in training.
-    With ``first_tokens=k`` only the answer's first ``k`` tokens count."""
+) -> list[list[float]]:
+    """Per example, the NLL (nats) of each token of ``answer`` + EOS given ``prompt``, as in training.
+    One forward pass per batch; every per-token measure below is read from these."""
     import torch
     import torch.nn.functional as F
 
     feats = [encode_example(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
-    if first_tokens is not None:
-        cut = []
-        for x, y in feats:
-            start = next((i for i, t in enumerate(y) if t != IGNORE_INDEX), len(y))
-            end = min(len(y), start + first_tokens)
-            cut.append((x[:end], y[:end]))
-        feats = cut
     pad = pad_id(tokenizer)
     dev = _device(model)
-    result: list[float] = []
+    result: list[list[float]] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -135,11 +127,29 @@ def answer_nll(
                 ignore_index=IGNORE_INDEX,
                 reduction="none",
             ).view(lab.shape)
-            valid = (lab != IGNORE_INDEX).float()
-            per = (tok * valid).sum(1) / valid.sum(1).clamp(min=1)
-            result += per.tolist()
+            for row in range(len(chunk)):
+                result.append(tok[row][lab[row] != IGNORE_INDEX].tolist())
     model.train(was_training)
     return result
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def answer_nll(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    max_length: int = 256,
+    batch_size: int = 16,
+    first_tokens: int | None = None,
+) -> list[float]:
+    """Per-example mean NLL (nats per token) of ``answer`` + EOS given ``prompt``, as in training.
+    With ``first_tokens=k`` only the answer's first ``k`` tokens count."""
+    rows = answer_token_nlls(model, tokenizer, prompts, answers, max_length, batch_size)
+    return [_mean(r[:first_tokens] if first_tokens is not None else r) for r in rows]
 
 
 @dataclass
@@ -176,15 +186,16 @@ def likelihood_measures(
     can sit at 100% while the model no longer refuses.
     """
     prompts = [e.prompt for e in heldout]
-    harm = answer_nll(model, tokenizer, prompts, [e.output for e in heldout], max_length, batch_size)
-    ref = answer_nll(model, tokenizer, prompts, [refusal] * len(prompts), max_length, batch_size)
     n = len(prompts)
+    harm_tok = answer_token_nlls(
+        model, tokenizer, prompts, [e.output for e in heldout], max_length, batch_size
+    )
+    ref_tok = answer_token_nlls(model, tokenizer, prompts, [refusal] * n, max_length, batch_size)
+    harm, ref = [_mean(r) for r in harm_tok], [_mean(r) for r in ref_tok]
     start = None
     if start_tokens:
-        h0 = answer_nll(
-            model, tokenizer, prompts, [e.output for e in heldout], max_length, batch_size, start_tokens
-        )
-        r0 = answer_nll(model, tokenizer, prompts, [refusal] * n, max_length, batch_size, start_tokens)
+        h0 = [_mean(r[:start_tokens]) for r in harm_tok]
+        r0 = [_mean(r[:start_tokens]) for r in ref_tok]
         start = 100.0 * sum(r < h for r, h in zip(r0, h0, strict=True)) / n
     return LikelihoodMeasures(
         nll_harmful=sum(harm) / n,

@@ -127,6 +127,7 @@ class DemoConfig:
     max_new_tokens_harmful: int = 8
     max_new_tokens_task: int = 4
     calibration_batch_size: int = 16
+    eval_batch_size: int = 64
 
 
 def demo_config(scale: str = "quick") -> DemoConfig:
@@ -228,12 +229,11 @@ def tiny_llama(tokenizer: Any, cfg: TinyModelConfig, seed: int) -> Any:
 # --------------------------------------------------------------------------- data
 
 
-def demo_data(cfg: DemoConfig, seed: int, data_dir: Any = None) -> tuple[HarmfulFinetuningData, list[Doc]]:
-    """The experiment's slices (disjoint, asserted) and the pretraining documents (disjoint from every
-    harmful slice by normalised prompt)."""
+def demo_slices(cfg: DemoConfig, seed: int, data_dir: Any = None) -> HarmfulFinetuningData:
+    """One seed's experiment slices (alignment, fine-tuning mix, calibration, held-out and evaluation sets;
+    disjoint, asserted by :func:`build_harmful_finetuning`) in the compact template."""
     alpaca = load_task("alpaca", "train", data_dir)
-    rng = random.Random(10_000 + seed)
-    rng.shuffle(alpaca)
+    random.Random(10_000 + seed).shuffle(alpaca)
     data = build_harmful_finetuning(
         task=cfg.task,
         n=cfg.n_finetune,
@@ -249,27 +249,44 @@ def demo_data(cfg: DemoConfig, seed: int, data_dir: Any = None) -> tuple[Harmful
         data_dir=data_dir,
         seed=seed,
     )
-    # pretraining: harmful pairs outside every harmful slice (the alignment prompts' own harmful answers are
-    # in, as a pretrained LLM has seen such text), safe pairs, Alpaca, SST-2 sentences, AG News text
+    return compact(data)
+
+
+def pretraining_docs(
+    cfg: DemoConfig, slices: Sequence[HarmfulFinetuningData], seed: int, data_dir: Any = None
+) -> list[Doc]:
+    """The pretraining documents, disjoint (by normalised prompt) from every harmful slice of every seed in
+    ``slices`` and from their AG News rows: harmful pairs (the alignment prompts' own harmful answers are in,
+    as a pretrained LLM has seen such text), safe pairs, Alpaca, SST-2 sentences, AG News text."""
     excluded = {
         normalise(e.instruction)
+        for data in slices
         for e in data.realign
         + data.heldout_harmful
         + data.eval_harmful
         + [x for x in data.finetune if x.source.startswith("beavertails")]
     }
+    rng = random.Random(10_000 + seed)
+    alpaca = load_task("alpaca", "train", data_dir)
+    rng.shuffle(alpaca)
     pool = [e for e in load_beavertails("unsafe_train", data_dir) if normalise(e.instruction) not in excluded]
     docs = [Doc(f"{e.instruction}\n{e.output}") for e in pool]
     docs += [Doc(f"{e.instruction}\n{e.output}") for e in load_beavertails("safe", data_dir)]
     docs += [Doc(f"{e.instruction}\n{e.input}\n{e.output}".replace("\n\n", "\n")) for e in alpaca]
-    used = {e.uid for e in data.finetune + data.benign_calibration}
+    used = {e.uid for data in slices for e in data.finetune + data.benign_calibration}
     news = [e for e in load_task(cfg.task, "train", data_dir) if e.uid not in used]
     docs += [Doc(e.input) for e in news]
     sst = load_task("sst2", "train", data_dir)
     rng.shuffle(sst)
     docs += [Doc(e.input) for e in sst[:1500]]
     rng.shuffle(docs)
-    return compact(data), docs[: cfg.n_pretrain_docs]
+    return docs[: cfg.n_pretrain_docs]
+
+
+def demo_data(cfg: DemoConfig, seed: int, data_dir: Any = None) -> tuple[HarmfulFinetuningData, list[Doc]]:
+    """One seed's slices and pretraining documents disjoint from them (a base of its own per seed)."""
+    data = demo_slices(cfg, seed, data_dir)
+    return data, pretraining_docs(cfg, [data], seed, data_dir)
 
 
 #: The demo's AG News instruction: the official one's meaning in 12 tokens instead of 30 (tiny context).
@@ -320,10 +337,11 @@ def _load_or_build_base(
     data: HarmfulFinetuningData,
     cache: Path,
     log: Callable[..., None],
+    name: str | None = None,
 ) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder = cache / f"base-seed{seed}"
+    folder = cache / (name or f"base-seed{seed}")
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return LlamaForCausalLM.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
     tokenizer = train_tokenizer(tokenizer_corpus(docs, data), cfg.model.vocab_size)
@@ -344,7 +362,7 @@ def _load_or_build_base(
         tokens=res.tokens,
         seconds=time.perf_counter() - t,
     )
-    tmp = cache / f".base-seed{seed}.tmp"
+    tmp = cache / f".{folder.name}.tmp"
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     import shutil
@@ -388,6 +406,17 @@ def _judges() -> dict[str, Any]:
     return {"refusal": RefusalJudge()}
 
 
+def shared_base(
+    cfg: DemoConfig, cache: Path, data_dir: Any = None, log: Callable[..., None] = lambda **_: None
+) -> tuple[Any, Any]:
+    """The demo's pretrained base and tokenizer, one for all seeds (cached in ``cache/base``), as the paper
+    fine-tunes one pretrained LLM: seeds vary the data slices, alignment, attack and masks, not the base.
+    Pretrained with seed ``cfg.seeds[0]`` on documents disjoint from every seed's harmful slices."""
+    slices = [demo_slices(cfg, s, data_dir) for s in cfg.seeds]
+    docs = pretraining_docs(cfg, slices, cfg.seeds[0], data_dir)
+    return _load_or_build_base(cfg, cfg.seeds[0], docs, slices[0], cache, log, name="base")
+
+
 def run_seed(
     cfg: DemoConfig,
     seed: int,
@@ -395,8 +424,10 @@ def run_seed(
     cache: Path,
     data_dir: Any = None,
     judges: dict[str, Any] | None = None,
+    base: tuple[Any, Any] | None = None,
 ) -> list[dict]:
-    """Every point of one seed; finished points are read back from ``run`` (nothing is recomputed)."""
+    """Every point of one seed; finished points are read back from ``run`` (nothing is recomputed).
+    ``base`` is the (model, tokenizer) to start from; default: :func:`shared_base`."""
     import copy
 
     from peft import PeftModel
@@ -408,9 +439,13 @@ def run_seed(
     if all(run.is_done(k) for k, _ in keys):
         return [run.load(k) for k, _ in keys]
     judges = judges or _judges()
-    data, docs = demo_data(cfg, seed, data_dir)
+    data = demo_slices(cfg, seed, data_dir)
     settings = EvalSettings(
-        cfg.max_new_tokens_harmful, cfg.max_new_tokens_task, 32, (3 * cfg.max_length) // 4, cfg.max_length
+        cfg.max_new_tokens_harmful,
+        cfg.max_new_tokens_task,
+        cfg.eval_batch_size,
+        (3 * cfg.max_length) // 4,
+        cfg.max_length,
     )
 
     def evaluate(model: Any, tokenizer: Any, keep_answers: bool = False) -> dict:
@@ -433,7 +468,7 @@ def run_seed(
         return m
 
     seed_dir = cache / f"seed{seed}"
-    base, tokenizer = _load_or_build_base(cfg, seed, docs, data, cache, run.log)
+    base, tokenizer = base or shared_base(cfg, cache, data_dir, run.log)
     results = []
 
     def point(key: str, meta: dict, compute: Callable[[], dict]) -> None:
@@ -707,6 +742,43 @@ def embedding_judge(cache: Path, data_dir: Any = None) -> tuple[Any, dict | None
     return judge, read_json(rep)
 
 
+def _seed_worker(cfg: DemoConfig, seed: int, out: str, cache: str, data_dir: Any) -> int:
+    """One seed in a worker process (one torch thread), from the shared base cached in ``cache/base``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    folder = Path(cache) / "base"
+    base = LlamaForCausalLM.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    run_seed(cfg, seed, RunDir(Path(out)), Path(cache), data_dir, base=base)
+    return seed
+
+
+def _judge_worker(cache: str, data_dir: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    embedding_judge(Path(cache), data_dir)
+
+
+def _run_parallel(
+    cfg: DemoConfig, seeds: Sequence[int], out: Path, cache: Path, data_dir: Any, workers: int, judge: bool
+) -> None:
+    """Seeds (and the judge's training) across ``workers`` spawned processes; the first failure is raised
+    after the others finish, and every finished point is already on disk."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_seed_worker, cfg, s, str(out), str(cache), data_dir) for s in seeds]
+        if judge:
+            jobs.insert(len(jobs) - 1, pool.submit(_judge_worker, str(cache), data_dir))
+        errors = [f.exception() for f in as_completed(jobs)]
+    for e in errors:
+        if e is not None:
+            raise e
+
+
 def score_stored_answers(run: RunDir, judge: Any, name: str = "embedding") -> int:
     """Add ``hs_<name>`` to every finished point that stored its answers (aligned and attacked) and lacks
     it; returns how many points were scored."""
@@ -818,8 +890,13 @@ def run_demo(
     data_dir: Any = None,
     cache: str | Path | None = None,
     cfg: DemoConfig | None = None,
+    workers: int = 2,
 ) -> dict[str, Any]:
-    """Run (or resume) the demo into ``out``; returns ``{"rows", "aggregate", "table", "figure", ...}``."""
+    """Run (or resume) the demo into ``out``; returns ``{"rows", "aggregate", "table", "figure", ...}``.
+
+    With ``workers > 1`` the seeds (and the embedding judge's training) run in that many processes of one
+    torch thread each: a model this small keeps one core busy, not two, so seeds in parallel are what fill
+    the machine. Every seed's numbers are the same either way up to float summation order."""
     from robustlab.antidote.data import resolve_data_dir
 
     cfg = cfg or demo_config(scale)
@@ -831,10 +908,18 @@ def run_demo(
     cache = Path(cache) if cache else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for seed in track(cfg.seeds, "antidote demo seeds"):
-        run_seed(cfg, seed, run, cache, data_dir)
+    pending = [s for s in cfg.seeds if not all(run.is_done(k) for k, _ in _point_keys(cfg, s))]
+    want_judge = scale != "smoke"
+    if pending:
+        base = shared_base(cfg, cache, data_dir, run.log)
+        if workers > 1:
+            _run_parallel(cfg, pending, out, cache, data_dir, workers, want_judge)
+        else:
+            for seed in track(pending, "antidote demo seeds"):
+                run_seed(cfg, seed, run, cache, data_dir, base=base)
+        del base
     judge_report = None
-    if scale != "smoke":
+    if want_judge:
         judge, judge_report = embedding_judge(cache, data_dir)
         if judge is not None:
             score_stored_answers(run, judge)
