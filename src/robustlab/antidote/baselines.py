@@ -35,7 +35,8 @@ LABELS = {
     "random": "random pruning",
     "magnitude": "magnitude pruning",
 }
-#: The paper's comparison (section 5.1) plus Booster, SafeLoRA, RESTA and the V-S-A combination.
+#: The paper's comparison (section 5.1) plus Booster, SafeLoRA, RESTA, the V-S-A combination and the
+#: paper's two pruning controls at Antidote's ratio (random and magnitude pruning of the same weights).
 DEFAULT_METHODS = (
     "sft",
     "repnoise",
@@ -47,6 +48,8 @@ DEFAULT_METHODS = (
     "resta",
     "antidote",
     "vaccine+sft+antidote",
+    "random",
+    "magnitude",
 )
 
 

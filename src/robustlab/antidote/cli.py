@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
     """Silence transformers' progress bars and info logs, so the CLI's output (and a one-line error) stays
     readable. Imported lazily: only commands that load models call this."""
     import os
@@ -68,7 +68,7 @@ def realign(
     tgt: str | list[str] = targets
     if "," in targets:
         tgt = [t.strip() for t in targets.split(",") if t.strip()]
-    _quiet()
+    quiet_transformers()
     from robustlab.antidote.models import realign_from_paths
 
     summary = realign_from_paths(
@@ -118,7 +118,7 @@ def demo(
             f"--workers must be >= 1, got {workers}", "use 2 on a 2-core machine, 1 to run seeds in turn"
         )
     resolve_data_dir(data_dir)
-    _quiet()
+    quiet_transformers()
     from robustlab.antidote.tiny import run_demo
 
     res = run_demo(out, scale, seed_list, data_dir, workers=workers)

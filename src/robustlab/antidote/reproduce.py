@@ -9,8 +9,10 @@ from robustlab.report import Section
 
 def reproduce(scale: str, out: Path, seed: int) -> Section:
     """Run (or resume) the demo into ``out``. Seeds are ``seed, seed+1, seed+2``."""
+    from robustlab.antidote.cli import quiet_transformers
     from robustlab.antidote.tiny import demo_config, run_demo, summary_text
 
+    quiet_transformers()
     cfg = demo_config(scale)
     cfg.seeds = (seed, seed + 1, seed + 2)
     res = run_demo(out, scale, cfg=cfg)

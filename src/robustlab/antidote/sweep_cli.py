@@ -114,10 +114,10 @@ def sweep(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()  # every input is checked before the run folder exists
 
-    from robustlab.antidote.cli import _quiet
+    from robustlab.antidote.cli import quiet_transformers
     from robustlab.antidote.sweep import pipeline_harness, run_sweep, tiny_harness
 
-    _quiet()
+    quiet_transformers()
     echo = lambda s: typer.echo(s, err=True)  # noqa: E731
     if config is None:
         record = {"demo": dataclasses.asdict(demo)}
@@ -143,9 +143,9 @@ def method_pipeline(
 
     mcfg = load_method_config(config, {"method": method} if method else None)
     out = out or Path("runs") / "antidote" / config.stem
-    from robustlab.antidote.cli import _quiet
+    from robustlab.antidote.cli import quiet_transformers
 
-    _quiet()
+    quiet_transformers()
     from robustlab.antidote.baselines_pipeline import run_method_pipeline
 
     summary = run_method_pipeline(mcfg, out, echo=typer.echo)

@@ -742,12 +742,21 @@ def embedding_judge(cache: Path, data_dir: Any = None) -> tuple[Any, dict | None
     return judge, read_json(rep)
 
 
-def _seed_worker(cfg: DemoConfig, seed: int, out: str, cache: str, data_dir: Any) -> int:
-    """One seed in a worker process (one torch thread), from the shared base cached in ``cache/base``."""
+def _worker_init(verbosity: int, progress_bars: bool) -> None:
+    """One torch thread per worker; transformers as quiet as in the parent process."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
+    hf_logging.set_verbosity(verbosity)
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
+
+
+def _seed_worker(cfg: DemoConfig, seed: int, out: str, cache: str, data_dir: Any) -> int:
+    """One seed in a worker process, from the shared base cached in ``cache/base``."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
     folder = Path(cache) / "base"
     base = LlamaForCausalLM.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
     run_seed(cfg, seed, RunDir(Path(out)), Path(cache), data_dir, base=base)
@@ -755,9 +764,6 @@ def _seed_worker(cfg: DemoConfig, seed: int, out: str, cache: str, data_dir: Any
 
 
 def _judge_worker(cache: str, data_dir: Any) -> None:
-    import torch
-
-    torch.set_num_threads(1)
     embedding_judge(Path(cache), data_dir)
 
 
@@ -769,7 +775,11 @@ def _run_parallel(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from transformers.utils import logging as hf_logging
+
+    quiet = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=quiet) as pool:
         jobs = [pool.submit(_seed_worker, cfg, s, str(out), str(cache), data_dir) for s in seeds]
         if judge:
             jobs.insert(len(jobs) - 1, pool.submit(_judge_worker, str(cache), data_dir))
