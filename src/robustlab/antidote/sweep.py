@@ -43,7 +43,15 @@ from robustlab.antidote.baselines import (
 )
 from robustlab.errors import UserError
 
-MEASURES = ("hs_refusal", "fa", "fa_likelihood", "nll_harmful", "nll_refusal", "refusal_preference")
+MEASURES = (
+    "hs_refusal",
+    "fa",
+    "fa_likelihood",
+    "nll_harmful",
+    "nll_refusal",
+    "refusal_preference",
+    "refusal_preference_start",
+)
 
 
 def label_likelihood_accuracy(
@@ -562,7 +570,8 @@ def _fmt(row: dict | None, m: str, digits: int) -> str:
 
 
 TABLE_MEASURES = (
-    ("refusal_preference", "refusal preference % (↑)", 1),
+    ("refusal_preference_start", "refusal preference % over the first 3 answer tokens (↑)", 1),
+    ("refusal_preference", "refusal preference % over whole answers (↑)", 1),
     ("nll_harmful", "NLL of the held-out harmful answer (↑)", 2),
     ("hs_refusal", "harmful score %, refusal judge (↓)", 1),
     ("fa", "task accuracy %, exact match of the greedy answer (↑)", 1),
@@ -612,22 +621,25 @@ def baseline_table(agg: Sequence[dict], cfg: SweepConfig) -> str:
         "task acc (likelihood) % ↑",
         "NLL harmful ↑",
         "NLL refusal ↓",
-        "refusal pref. % ↑",
+        "refusal pref. % (whole) ↑",
+        "refusal pref. % (first 3 tokens) ↑",
     ]
-    body = []
-    for r in agg:
-        if str(r["method"]).startswith("aligned-"):
-            body.append(
-                [
-                    f"aligned only ({r['method'][8:]})",
-                    *[_fmt(r, k, 1) for k in hs],
-                    _fmt(r, "fa", 1),
-                    _fmt(r, "fa_likelihood", 1),
-                    _fmt(r, "nll_harmful", 2),
-                    _fmt(r, "nll_refusal", 2),
-                    _fmt(r, "refusal_preference", 1),
-                ]
-            )
+
+    def row(label: str, r: dict | None) -> list[str]:
+        return [
+            label,
+            *[_fmt(r, k, 1) for k in hs],
+            _fmt(r, "fa", 1),
+            _fmt(r, "fa_likelihood", 1),
+            _fmt(r, "nll_harmful", 2),
+            _fmt(r, "nll_refusal", 2),
+            _fmt(r, "refusal_preference", 1),
+            _fmt(r, "refusal_preference_start", 1),
+        ]
+
+    body = [
+        row(f"aligned only ({r['method'][8:]})", r) for r in agg if str(r["method"]).startswith("aligned-")
+    ]
     for s in cfg.specs():
         r = next(
             (
@@ -639,17 +651,7 @@ def baseline_table(agg: Sequence[dict], cfg: SweepConfig) -> str:
             ),
             None,
         )
-        body.append(
-            [
-                s.label,
-                *[_fmt(r, k, 1) for k in hs],
-                _fmt(r, "fa", 1),
-                _fmt(r, "fa_likelihood", 1),
-                _fmt(r, "nll_harmful", 2),
-                _fmt(r, "nll_refusal", 2),
-                _fmt(r, "refusal_preference", 1),
-            ]
-        )
+        body.append(row(s.label, r))
     return markdown_table(cols, body)
 
 
