@@ -320,11 +320,12 @@ def test_package_exports_are_lazy_and_complete():
     code = (
         "import sys, robustlab.fedld, robustlab.fedld.cli\n"
         "assert not {'flwr', 'torch', 'ray'} & set(sys.modules), sorted({'flwr', 'torch', 'ray'} & set(sys.modules))\n"
-        "from robustlab.fedld import FedLD, FedAvg, MOON, Scaffold, STRATEGIES\n"
+        "from robustlab.fedld import FedLD, FedAvg, MOON, Scaffold, FedPAC, STRATEGIES\n"
         "from flwr.serverapp.strategy import FedAvg as F\n"
         "assert issubclass(FedLD, F) and issubclass(MOON, F) and issubclass(Scaffold, F)\n"
+        "assert issubclass(FedPAC, F)\n"
         "print(len(STRATEGIES))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "11"
+    assert out.stdout.strip() == "12"

@@ -5,7 +5,8 @@ torch or Ray; ``from robustlab.fedld import FedLD`` imports the strategies modul
 
 Strategies (Flower Message API, usable in any ``ServerApp``): :class:`FedAvg`, :class:`FedProx`,
 :class:`FedAvgUnweighted`, :class:`FedAvgServerLR`, :class:`FedLD`, :class:`FedLDMarginOnly`,
-:class:`FedLDAggregationOnly`, :class:`FedGH`, :class:`FedBN`, :class:`Scaffold`, :class:`MOON`.
+:class:`FedLDAggregationOnly`, :class:`FedGH`, :class:`FedBN`, :class:`Scaffold`, :class:`MOON`,
+:class:`FedPAC`.
 Apps: ``robustlab.fedld.client_app:app`` and ``robustlab.fedld.server_app:app`` (submodules).
 Experiments: :func:`run_experiment`, :class:`ExperimentConfig`.
 """
@@ -34,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "Scaffold": "robustlab.fedld.strategies",
     "SCAFFOLD": "robustlab.fedld.strategies:Scaffold",
     "MOON": "robustlab.fedld.strategies",
+    "FedPAC": "robustlab.fedld.strategies",
     "STRATEGIES": "robustlab.fedld.strategies",
     "make_strategy": "robustlab.fedld.strategies",
     # aggregation and losses (core library)

@@ -40,6 +40,7 @@ def run(
     margin_lambda: float = typer.Option(0.1, help="FedLD margin-control weight λ."),
     k_proportion: float = typer.Option(0.8, help="FedLD: fraction of principal directions kept, in (0, 1]."),
     proximal_mu: float = typer.Option(0.01, help="FedProx μ."),
+    fedpac_lambda: float = typer.Option(1.0, help="FedPAC feature-alignment weight λ."),
     server_lr: float = typer.Option(
         None, help="fedavg-slr server lr [default: FedLD's median update ratio]."
     ),
@@ -70,6 +71,7 @@ def run(
         margin_lambda=margin_lambda,
         k_proportion=k_proportion,
         proximal_mu=proximal_mu,
+        fedpac_lambda=fedpac_lambda,
         server_lr=server_lr,
         min_replies=min_replies,
         round_timeout=round_timeout,

@@ -13,14 +13,15 @@ Training config keys (all optional except the data keys; defaults are the paper'
 ``local-epochs``       1
 ``margin-lambda``      λ of FedLD's margin control; 0 means plain cross-entropy
 ``proximal-mu``        FedProx μ; 0 means no proximal term
-``local-algorithm``    ``sgd`` | ``scaffold`` | ``moon``
+``local-algorithm``    ``sgd`` | ``scaffold`` | ``moon`` | ``fedpac``
 ``local-keys``         FedBN: state entries kept on the client (its BatchNorm)
 ``moon-mu/moon-tau``   MOON weight and temperature
+``fedpac-*``           FedPAC: ``-lambda`` (1.0), ``-head-keys``, ``-head-lr`` (0.1), ``-head-epochs`` (1)
 ``dataset`` ...        the task (see :class:`robustlab.fedld.task.TaskSpec.from_config`)
 =====================  ======================================================================
 
 Per-client state lives in ``context.state`` (SCAFFOLD's ``c_i``, MOON's previous local model, FedBN's
-local BatchNorm). When the config names a ``client-state-dir`` (the simulation experiments do) the state is
+local BatchNorm, FedPAC's personalised head). When the config names a ``client-state-dir`` (the simulation experiments do) the state is
 also written there after every round, keyed by partition and round, so a killed and resumed simulation
 continues with the same client state.
 
@@ -47,7 +48,18 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from robustlab.fedld.strategies import SCAFFOLD_C, SCAFFOLD_DC
+from robustlab.fedld.strategies import (
+    FEDPAC,
+    FEDPAC_COUNT,
+    FEDPAC_GLOBAL_COUNT,
+    FEDPAC_GLOBAL_PROTO,
+    FEDPAC_H,
+    FEDPAC_HEAD,
+    FEDPAC_PROTO,
+    FEDPAC_V,
+    SCAFFOLD_C,
+    SCAFFOLD_DC,
+)
 from robustlab.fedld.task import Task, TaskSpec, load_task
 from robustlab.runs import atomic_write_bytes
 
@@ -64,9 +76,12 @@ DEFAULTS: dict[str, Any] = {
     "local-algorithm": "sgd",
     "moon-mu": 1.0,
     "moon-tau": 0.5,
+    "fedpac-lambda": 1.0,
+    "fedpac-head-lr": 0.1,
+    "fedpac-head-epochs": 1,
 }
 
-STATE_KEYS = ("scaffold-ci", "moon-prev", "fedbn-local")
+STATE_KEYS = ("scaffold-ci", "moon-prev", "fedbn-local", "fedpac-head")
 
 
 class InjectedFault(RuntimeError):
@@ -158,15 +173,36 @@ def _record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- training
 
 
-def _split_incoming(arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    model_sd, control = {}, {}
+def _split_incoming(
+    arrays: ArrayRecord,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model state, SCAFFOLD's server control, FedPAC's entries with their ``fedpac::`` names)."""
+    model_sd, control, fedpac = {}, {}, {}
     for k, v in arrays.items():
         t = torch.from_numpy(np.array(v.numpy(), copy=True))
         if k.startswith(SCAFFOLD_C):
             control[k[len(SCAFFOLD_C) :]] = t
+        elif k.startswith(FEDPAC):
+            fedpac[k] = t
         else:
             model_sd[k] = t
-    return model_sd, control
+    return model_sd, control, fedpac
+
+
+def _personal_head(fedpac: Mapping[str, torch.Tensor], context: Context) -> dict[str, torch.Tensor] | None:
+    """FedPAC: the head the server sent for this client, else the one it stored, else ``None``."""
+    sent = {k[len(FEDPAC_HEAD) :]: v for k, v in fedpac.items() if k.startswith(FEDPAC_HEAD)}
+    if sent:
+        context.state["fedpac-head"] = ArrayRecord({k: Array(v.numpy().copy()) for k, v in sent.items()})
+        return sent
+    if "fedpac-head" in context.state:
+        return _record_to_tensors(context.state["fedpac-head"])  # type: ignore[arg-type]
+    return None
+
+
+def _load_personal_head(model: torch.nn.Module, head: Mapping[str, torch.Tensor] | None) -> None:
+    if head:
+        model.load_state_dict({**model.state_dict(), **head}, strict=True)
 
 
 def _load_global(
@@ -186,12 +222,14 @@ def local_train(
     seed: int,
     context: Context | None = None,
     control: Mapping[str, torch.Tensor] | None = None,
+    fedpac: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Run the configured local algorithm on ``task.x_train[indices]``; returns the training record.
 
     The model is modified in place. Returns ``{"loss": mean training loss, "steps": K, "scaffold-dc":
-    {...} (SCAFFOLD only)}``. ``context`` carries the per-client state (SCAFFOLD ``c_i``, MOON's previous
-    model); without one, state starts fresh.
+    {...} (SCAFFOLD only), "fedpac": {...} (FedPAC only)}``. ``context`` carries the per-client state
+    (SCAFFOLD ``c_i``, MOON's previous model); without one, state starts fresh. ``fedpac`` holds the
+    server's global prototypes (``fedpac::global-proto`` / ``-count``), if any.
     """
     from robustlab.fedld.losses import (
         fedprox_term,
@@ -206,8 +244,19 @@ def local_train(
     mu = float(_cfg(config, "proximal-mu"))
     batch = int(_cfg(config, "batch-size"))
     epochs = int(_cfg(config, "local-epochs"))
-    if algorithm not in ("sgd", "scaffold", "moon"):
+    if algorithm not in ("sgd", "scaffold", "moon", "fedpac"):
         raise ValueError(f"unknown local-algorithm {algorithm!r}")
+    if algorithm == "fedpac":
+        fedpac = fedpac or {}
+        return fedpac_local_train(
+            task,
+            model,
+            indices,
+            config,
+            seed,
+            global_protos=fedpac.get(FEDPAC_GLOBAL_PROTO),
+            global_counts=fedpac.get(FEDPAC_GLOBAL_COUNT),
+        )
 
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -302,6 +351,137 @@ def local_train(
     return out
 
 
+@torch.no_grad()
+def _features(task: Task, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's representation of ``x`` in eval mode (BatchNorm statistics untouched), in chunks."""
+    model.eval()
+    if not len(x):
+        return torch.zeros(0)
+    return torch.cat([task.features_and_logits(model, x[i : i + 512])[0] for i in range(0, len(x), 512)])
+
+
+def fedpac_local_train(
+    task: Task,
+    model: torch.nn.Module,
+    indices: np.ndarray,
+    config: Mapping[str, Any],
+    seed: int,
+    global_protos: torch.Tensor | None = None,
+    global_counts: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """FedPAC's local update as the official FedLD repo runs it (``methods/fedpac.py``, ``local_training``
+    and ``statistics_extraction``); the model (global body + this client's head) is modified in place.
+
+    1. On the starting model: the features of the client's training samples give its statistics (v, h)
+       (:func:`robustlab.fedld.aggregation.fedpac_statistics`, sent to the server for the head
+       combination) and its class prototypes (the alignment target for classes the server has no
+       prototype of).
+    2. Head phase: ``fedpac-head-epochs`` (1) epoch(s) of SGD on the head parameters only (body frozen),
+       lr ``fedpac-head-lr`` (0.1), plain cross-entropy: the official ``epoch_classifier = 1``, ``lr_g = 0.1``.
+    3. Body phase: ``local-epochs`` epoch(s) of SGD on every other parameter (head frozen) at ``lr``, with
+       loss ``CE + fedpac-lambda * MSE(z, c_y)`` (:func:`robustlab.fedld.losses.fedpac_alignment_loss`)
+       when the server sent global prototypes (from round 2 on: the official ``if round > 0``).
+    4. On the trained model: the class prototypes and class counts the server aggregates.
+
+    Both optimisers are SGD with the configured momentum (0.5) and weight decay (5e-4), new for each phase,
+    as in the official code. Why this order (head first, then body): it is what the official code does
+    (other FedPAC ports in public code use the same order), and it fits the client's head to the new global
+    body before the body is pulled towards the global prototypes under that fixed head. Where the official code looks accidental, this one differs: the feature passes of steps 1
+    and 4 run in eval mode under ``no_grad`` (the official step 4 runs in train mode, so it also moves the
+    BatchNorm statistics of the returned model; its round-0 step 1 does too). The training phases run in
+    train mode, so BatchNorm statistics also move in the head phase, as in the official code.
+    """
+    from robustlab.fedld.aggregation import class_prototypes, fedpac_statistics
+    from robustlab.fedld.losses import fedpac_alignment_loss
+
+    head_keys = [str(k) for k in config.get("fedpac-head-keys", [])] or task.head_keys()
+    named = dict(model.named_parameters())
+    missing = [k for k in head_keys if k not in model.state_dict()]
+    if missing:
+        raise ValueError(f"fedpac-head-keys {missing} are not entries of the model")
+    head_params = [p for n, p in named.items() if n in head_keys]
+    body_params = [p for n, p in named.items() if n not in head_keys]
+    lam = float(_cfg(config, "fedpac-lambda"))
+    batch = int(_cfg(config, "batch-size"))
+    c = task.num_classes
+    x_all, y_all = task.x_train, task.y_train
+    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    y_local = y_all[idx]
+
+    # 1. statistics and prototypes of the starting model
+    z0 = _features(task, model, x_all[idx]).double()
+    v, h = fedpac_statistics(z0.numpy(), y_local.numpy(), c)
+    local_protos = torch.zeros(c, z0.shape[1], dtype=torch.float64)
+    for k in torch.unique(y_local).tolist():
+        local_protos[k] = z0[y_local == k].mean(0)
+    align = global_protos is not None and global_counts is not None and lam > 0
+    present = global_counts > 0 if align else None  # type: ignore[operator]
+
+    gen = torch.Generator().manual_seed(seed)
+    steps, total_loss = 0, 0.0
+
+    def run_phase(trainable: list[torch.nn.Parameter], lr: float, epochs: int, aligned: bool) -> None:
+        nonlocal steps, total_loss
+        for p in named.values():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(
+            trainable,
+            lr=lr,
+            momentum=float(_cfg(config, "momentum")),
+            weight_decay=float(_cfg(config, "weight-decay")),
+        )
+        model.train()
+        for _ in range(epochs):
+            order = idx[torch.randperm(len(idx), generator=gen)]
+            for start in range(0, len(order), batch):
+                b = order[start : start + batch]
+                x, y = x_all[b], y_all[b]
+                z, logits = task.features_and_logits(model, x)
+                loss = torch.nn.functional.cross_entropy(logits, y)
+                if aligned:
+                    loss = loss + lam * fedpac_alignment_loss(z, y, global_protos, present, local_protos)  # type: ignore[arg-type]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                total_loss += float(loss.detach())
+
+    try:
+        if head_params:
+            run_phase(
+                head_params,
+                float(_cfg(config, "fedpac-head-lr")),
+                int(_cfg(config, "fedpac-head-epochs")),
+                False,
+            )
+        run_phase(body_params, float(_cfg(config, "lr")), int(_cfg(config, "local-epochs")), align)
+    finally:
+        for p in named.values():
+            p.requires_grad_(True)
+
+    # 4. prototypes and class counts of the trained model
+    z1 = _features(task, model, x_all[idx]).double().numpy()
+    protos, sizes = class_prototypes(z1, y_local.numpy())
+    proto_arr = np.zeros((c, z1.shape[1]), dtype=np.float64)
+    counts = np.zeros(c, dtype=np.float64)
+    for k, p in protos.items():
+        proto_arr[k] = p
+        counts[k] = sizes[k]
+    return {
+        "loss": total_loss / max(steps, 1),
+        "steps": steps,
+        "fedpac": {
+            FEDPAC_V: np.array([v], dtype=np.float64),
+            FEDPAC_H: np.asarray(h, dtype=np.float64),
+            FEDPAC_PROTO: proto_arr,
+            FEDPAC_COUNT: counts,
+        },
+        "fedpac-head": {k: model.state_dict()[k].detach().numpy().copy() for k in head_keys},
+    }
+
+
 def _task_for(msg: Message, context: Context) -> tuple[Task, dict[str, Any], int]:
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     spec = TaskSpec.from_config(config, context.node_config)
@@ -315,11 +495,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 1))
     _maybe_fault(config, pid, server_round)
     _load_state(context, config, pid, server_round)
-    model_sd, control = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
+    model_sd, control, fedpac = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
     local_keys = [str(k) for k in config.get("local-keys", [])]
     torch.manual_seed(client_seed(task.spec.seed, server_round, pid, "init"))
     model = task.build_model()
     _load_global(model, model_sd, context, local_keys)
+    if str(_cfg(config, "local-algorithm")) == "fedpac":
+        _load_personal_head(model, _personal_head(fedpac, context))
     record = local_train(
         task,
         model,
@@ -328,15 +510,21 @@ def train(msg: Message, context: Context) -> Message:
         client_seed(task.spec.seed, server_round, pid),
         context=context,
         control=control,
+        fedpac=fedpac,
     )
     state = model.state_dict()
     if local_keys:
         context.state["fedbn-local"] = ArrayRecord(
             {k: Array(state[k].detach().numpy().copy()) for k in local_keys}
         )
+    if "fedpac-head" in record:
+        # kept until the server sends the combined head (the official fallback: the client's own head)
+        context.state["fedpac-head"] = ArrayRecord({k: Array(v) for k, v in record["fedpac-head"].items()})
     arrays = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in state.items()})
     for k, v in record.get("scaffold-dc", {}).items():
         arrays[SCAFFOLD_DC + k] = Array(v)
+    for k, v in record.get("fedpac", {}).items():
+        arrays[k] = Array(np.asarray(v, order="C"))
     _save_state(context, config, pid, server_round)
     metrics = MetricRecord(
         {
@@ -349,14 +537,21 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model (FedBN: with this client's BatchNorm) on the client's test part."""
+    """Evaluate the received global model on the client's test part (FedBN: with this client's BatchNorm;
+    FedPAC: with this client's personalised head, which the server sends here right after combining it;
+    the client stores it for its next round)."""
     torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
     task, config, pid = _task_for(msg, context)
     server_round = int(config.get("server-round", 1))
     _load_state(context, config, pid, server_round + 1)
-    model_sd, _ = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
+    model_sd, _, fedpac = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
     model = task.build_model()
     _load_global(model, model_sd, context, [str(k) for k in config.get("local-keys", [])])
+    if any(k.startswith(FEDPAC_HEAD) for k in fedpac):
+        _load_personal_head(model, _personal_head(fedpac, context))
+        _save_state(context, config, pid, server_round)
+    elif "fedpac-head" in context.state:
+        _load_personal_head(model, _personal_head(fedpac, context))
     idx = task.test_partitions[pid]
     result = task.evaluate(model, task.x_test[idx], task.y_test[idx])
     metrics = MetricRecord(

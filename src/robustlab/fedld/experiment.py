@@ -50,6 +50,7 @@ METHODS = (
     "fedgh",
     "scaffold",
     "moon",
+    "fedpac",
 )
 LABELS = {
     "fedavg": "FedAvg",
@@ -63,6 +64,7 @@ LABELS = {
     "fedgh": "FedGH",
     "scaffold": "SCAFFOLD",
     "moon": "MOON",
+    "fedpac": "FedPAC",
 }
 
 #: config entries that must match to resume a folder (methods, seeds and rounds may grow)
@@ -81,10 +83,15 @@ RESUME_KEYS = (
     "proximal_mu",
     "moon_mu",
     "moon_tau",
+    "fedpac_lambda",
     "server_lr",
     "min_partition_size",
     "model",
 )
+
+#: resume keys added after folders were first written: a folder whose config.yaml lacks one still resumes
+#: when the run asks for the default (the value every earlier run used)
+LATER_RESUME_DEFAULTS: dict[str, Any] = {"fedpac_lambda": 1.0}
 
 
 @dataclass
@@ -92,7 +99,8 @@ class ExperimentConfig:
     """One experiment: a dataset split among ``clients`` with Dirichlet(``beta``), several methods x seeds.
 
     Defaults are the paper's local training (SGD lr 0.01, momentum 0.5, weight decay 5e-4, batch 50, one
-    local epoch), FedLD's λ = 0.1 and k proportion 0.8, FedProx μ = 0.01, MOON μ = 1 and τ = 0.5.
+    local epoch), FedLD's λ = 0.1 and k proportion 0.8, FedProx μ = 0.01, MOON μ = 1 and τ = 0.5, FedPAC's
+    alignment weight λ = 1 (the official ``--lam``).
     ``server_lr`` (for ``fedavg-slr``) ``None`` means: the median of FedLD's update-size ratio over the
     rounds of the same seed.
     """
@@ -115,6 +123,7 @@ class ExperimentConfig:
     proximal_mu: float = 0.01
     moon_mu: float = 1.0
     moon_tau: float = 0.5
+    fedpac_lambda: float = 1.0
     server_lr: float | None = None
     min_partition_size: int = 10
     model: str = "cnn"
@@ -168,6 +177,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
             "use 0.5 and 1",
         ),
         (
+            math.isfinite(cfg.fedpac_lambda) and cfg.fedpac_lambda >= 0,
+            f"--fedpac-lambda must be >= 0, got {cfg.fedpac_lambda}",
+            "use 1.0",
+        ),
+        (
             cfg.server_lr is None or (math.isfinite(cfg.server_lr) and cfg.server_lr > 0),
             f"--server-lr must be > 0, got {cfg.server_lr}",
             "omit it to match FedLD's measured update ratio",
@@ -212,8 +226,10 @@ def _strategy_options(cfg: ExperimentConfig, task: Any, server_lr: float | None)
         "proximal_mu": cfg.proximal_mu,
         "moon_mu": cfg.moon_mu,
         "moon_tau": cfg.moon_tau,
+        "fedpac_lambda": cfg.fedpac_lambda,
         "server_lr": server_lr if server_lr is not None else 1.0,
         "bn_keys": task.batchnorm_keys(),
+        "head_keys": task.head_keys(),
         "param_keys": [n for n, _ in task.build_model().named_parameters()],
     }
 
@@ -268,7 +284,7 @@ def run_experiment(
                 "add fedld to --methods, or pass --server-lr",
             )
     config = {k: v for k, v in asdict(cfg).items() if k not in ("num_cpus", "client_cpus")}
-    run = RunDir.open(out, config, seed=cfg.first_seed, resume_keys=RESUME_KEYS)
+    run = RunDir.open(out, config, seed=cfg.first_seed, resume_keys=_resume_keys(out, config))
     pending = [(m, s) for s in seeds for m in cfg.ordered_methods() if not _cell_done(run, m, s, cfg.rounds)]
     done = len(seeds) * len(cfg.methods) - len(pending)
     echo(f"fedld: {len(pending)} cell(s) to run, {done} already done -> {out}")
@@ -277,6 +293,22 @@ def run_experiment(
     summary = summarize(run, cfg)
     write_outputs(run, cfg, summary)
     return summary
+
+
+def _resume_keys(out: Path, config: dict[str, Any]) -> tuple[str, ...]:
+    """:data:`RESUME_KEYS`, less any key of :data:`LATER_RESUME_DEFAULTS` that the folder's config.yaml
+    predates while this run asks for its default (so folders written before the key existed resume)."""
+    cfg_file = Path(out) / "config.yaml"
+    if not cfg_file.exists():
+        return RESUME_KEYS
+    import yaml
+
+    old = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    return tuple(
+        k
+        for k in RESUME_KEYS
+        if not (k in LATER_RESUME_DEFAULTS and k not in old and config.get(k) == LATER_RESUME_DEFAULTS[k])
+    )
 
 
 class _Stop(Exception):

@@ -1,4 +1,4 @@
-"""Client-side losses for FedLD and its baselines (torch): margin control, FedProx, MOON, SCAFFOLD.
+"""Client-side losses for FedLD and its baselines (torch): margin control, FedProx, MOON, SCAFFOLD, FedPAC.
 
 All functions are pure: they take tensors and return a scalar tensor that is differentiable in the
 local model's outputs/parameters; the caller adds them to its loss.
@@ -124,3 +124,30 @@ def scaffold_correction_term(
     for w, c, ci in zip(model_params, c_global, c_local, strict=True):
         total = total + (w * (c.detach() - ci.detach())).sum()
     return total
+
+
+def fedpac_alignment_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    global_protos: torch.Tensor,
+    global_present: torch.Tensor,
+    local_protos: torch.Tensor,
+) -> torch.Tensor:
+    """FedPAC's feature-alignment regulariser (Xu et al., ICLR 2023), as the official FedLD repo computes it
+    (``methods/fedpac.py``, ``local_training``): ``MSE(z, c)`` where ``z`` is the batch's representation
+    (B x d) and row b of ``c`` is the **global** prototype of class ``y_b`` when the server has one
+    (``global_present[y_b]``), else the client's own prototype of that class computed before local training.
+
+    The mean is over all B·d entries (``nn.MSELoss()``); the targets are constants (detached). The caller
+    adds ``λ · loss`` (λ = 1 in the official code, ``--lam``).
+    """
+    if features.ndim != 2 or labels.shape[0] != features.shape[0]:
+        raise UserError(
+            f"fedpac_alignment_loss needs (B, d) features and B labels, got {tuple(features.shape)} "
+            f"and {tuple(labels.shape)}",
+            "pass the model's representation (model.features(x)) and the batch labels",
+        )
+    y = labels.long()
+    present = global_present.to(torch.bool)[y].unsqueeze(1)
+    target = torch.where(present, global_protos[y], local_protos[y]).to(features.dtype).detach()
+    return F.mse_loss(features, target)

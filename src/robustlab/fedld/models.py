@@ -137,3 +137,14 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
             prefix = f"{mod_name}." if mod_name else ""
             keys += [prefix + k for k in module.state_dict()]
     return keys
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """Every ``state_dict`` key of the model's classifier layer (``model.head``, else its last ``Linear``):
+    the part FedPAC personalises (the official code's ``['fc.weight', 'fc.bias']``)."""
+    if isinstance(getattr(model, "head", None), nn.Module):
+        return [f"head.{k}" for k in model.head.state_dict()]  # type: ignore[union-attr]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError("the model has no classifier head (no `head` and no Linear layer)", "use --model cnn")
+    return [f"{linears[-1]}.{k}" for k in dict(model.named_modules())[linears[-1]].state_dict()]

@@ -200,6 +200,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "margin-lambda": 0.1,
     "k-proportion": 0.8,
     "proximal-mu": 0.01,
+    "fedpac-lambda": 1.0,
     "server-lr": 1.0,
     "min-replies": 1,
     "fraction-evaluate": 1.0,
@@ -236,8 +237,10 @@ def main(grid: Grid, context: Context) -> None:
         "margin_lambda": float(cfg["margin-lambda"]),
         "k_proportion": float(cfg["k-proportion"]),
         "proximal_mu": float(cfg["proximal-mu"]),
+        "fedpac_lambda": float(cfg["fedpac-lambda"]),
         "server_lr": float(cfg["server-lr"]),
         "bn_keys": task.batchnorm_keys(),
+        "head_keys": task.head_keys(),
         "param_keys": [n for n, _ in task.build_model().named_parameters()],
     }
     strategy = make_strategy(str(cfg["method"]), options)

@@ -35,6 +35,14 @@ log = logging.getLogger("robustlab.fedld")
 NUM_EXAMPLES = "num-examples"
 SCAFFOLD_C = "scaffold-c::"  # server control variate entries, sent inside the arrays record
 SCAFFOLD_DC = "scaffold-dc::"  # client control-variate change, returned inside the arrays record
+FEDPAC = "fedpac::"  # FedPAC's extra entries inside the arrays records (both directions)
+FEDPAC_HEAD = FEDPAC + "head::"  # server -> client: this client's personalised head (model key after it)
+FEDPAC_GLOBAL_PROTO = FEDPAC + "global-proto"  # server -> client: (C, d) global class prototypes
+FEDPAC_GLOBAL_COUNT = FEDPAC + "global-proto-count"  # server -> client: (C,) samples behind each prototype
+FEDPAC_V = FEDPAC + "v"  # client -> server: (1,) feature variance term v_i
+FEDPAC_H = FEDPAC + "h"  # client -> server: (C, d) h_i[k] = p_ik * mean feature of class k
+FEDPAC_PROTO = FEDPAC + "proto"  # client -> server: (C, d) local class prototypes after training
+FEDPAC_COUNT = FEDPAC + "proto-count"  # client -> server: (C,) class counts (0 = class absent)
 
 NDict = dict[str, np.ndarray]
 
@@ -505,6 +513,182 @@ class MOON(FedAvg):
         return {**super().client_config(), "moon-mu": self.mu, "moon-tau": self.tau}
 
 
+class FedPAC(FedAvg):
+    """FedPAC (Xu, Tong & Huang, ICLR 2023), as the official FedLD repo runs it (``methods/fedpac.py``,
+    ``running.py`` ``train_round_fedpac``, ``tools.py``): feature alignment to global class prototypes on the
+    clients, and a personalised classifier head per client, combined on the server from the heads of the
+    clients whose features look alike.
+
+    **Client** (``local-algorithm = fedpac``, :func:`robustlab.fedld.client_app.fedpac_local_train`): starts
+    from the global body and its own head; computes its statistics (v_i, h_i) and class prototypes on the
+    starting model; trains the head alone (body frozen) for ``head_epochs`` epoch(s) at ``head_lr`` (the
+    official code's hard-coded ``epoch_classifier = 1``, ``lr_g = 0.1``), then the body alone (head frozen)
+    for the configured local epochs at the configured lr with ``CE + lam * MSE(z, prototype of y)``
+    (:func:`robustlab.fedld.losses.fedpac_alignment_loss`; no alignment before the server has
+    prototypes, i.e. in the first round, as the official ``round > 0``); returns its whole model plus
+    ``fedpac::v``, ``fedpac::h``, its prototypes after training and its class counts.
+
+    **Server** (:meth:`aggregate_train`): the new global arrays are the sample-weighted mean of the client
+    models (the official ``average_weights_weighted``; clients use only its body, every entry outside
+    ``head_keys``, BatchNorm statistics included); the global prototypes are the class-count-weighted mean
+    of the clients' prototypes (``protos_aggregation``; they replace the previous ones); client i's new
+    head is ``sum_j alpha_ij head_j / sum_j alpha_ij`` over this round's trained heads, with alpha_i from
+    :func:`robustlab.fedld.aggregation.fedpac_head_weights` on the statistics the clients computed before
+    training (as the official code), or its own trained head when that QP has no PSD form (``None``).
+
+    **Where the heads live.** As in the official code (each client object keeps its local model), the
+    clients own their heads: ``context.state["fedpac-head"]``, also written to ``client-state-dir``. The
+    server only relays the combination: it keeps each client's new head under the node id its reply came
+    from (``personal_heads``, valid within one Flower run) and sends it with that node's next messages
+    (``fedpac::head::<key>``): this round's evaluation message (the client evaluates with it and stores
+    it) and the next training message. So a resumed simulation (fresh node ids) continues exactly: the
+    clients restore their stored heads, and the strategy state (:meth:`state_dict`) holds the global
+    prototypes. A client that never trained starts from the global (averaged) head, where the official code
+    would keep the initial one (they differ only with partial participation).
+
+    **Evaluation.** Client-side evaluation uses each client's own head on the global body (FedPAC's
+    number: ``client-accuracy``); the server-side evaluation of "the" global model uses the averaged model
+    (global body + sample-weighted mean of the trained heads), which no client uses, as a reference only.
+
+    ``last_diagnostics``: ``fedpac-self-weight`` (mean over clients of the weight of its own head),
+    ``fedpac-collaborators`` (mean number of heads with non-zero weight), ``fedpac-qp-fallbacks`` (clients
+    that kept their own head) and ``fedpac-variance`` (mean v_i).
+    """
+
+    local_algorithm = "fedpac"
+
+    def __init__(
+        self,
+        *,
+        lam: float = 1.0,
+        head_keys: Collection[str] = ("head.weight", "head.bias"),
+        head_lr: float = 0.1,
+        head_epochs: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not (lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"FedPAC lam must be a finite number >= 0, got {lam}")
+        if not (head_lr > 0 and math.isfinite(head_lr)) or int(head_epochs) < 0:
+            raise ValueError(f"FedPAC needs head_lr > 0 and head_epochs >= 0, got {head_lr}, {head_epochs}")
+        self.head_keys = list(head_keys)
+        if not self.head_keys:
+            raise ValueError("FedPAC needs the model's classifier-head keys (head_keys)")
+        self.lam, self.head_lr, self.head_epochs = float(lam), float(head_lr), int(head_epochs)
+        self.global_protos: np.ndarray | None = None
+        self.global_proto_counts: np.ndarray | None = None
+        self.personal_heads: dict[int, NDict] = {}
+
+    def client_config(self) -> dict[str, Any]:
+        return {
+            **super().client_config(),
+            "fedpac-lambda": self.lam,
+            "fedpac-head-keys": list(self.head_keys),
+            "fedpac-head-lr": self.head_lr,
+            "fedpac-head-epochs": self.head_epochs,
+        }
+
+    def _outgoing_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        missing = [k for k in self.head_keys if k not in arrays]
+        if missing:
+            raise ValueError(f"FedPAC head keys {missing} are not entries of the model")
+        out = ArrayRecord({k: v for k, v in arrays.items()})
+        if self.global_protos is not None and self.global_proto_counts is not None:
+            out[FEDPAC_GLOBAL_PROTO] = Array(np.asarray(self.global_protos, order="C"))
+            out[FEDPAC_GLOBAL_COUNT] = Array(np.asarray(self.global_proto_counts, order="C"))
+        return out
+
+    def _construct_messages(
+        self, record: RecordDict, node_ids: list[int], message_type: str
+    ) -> list[Message]:
+        """One message per node; a node with a personalised head gets it added to its arrays record."""
+        messages = []
+        for node_id in node_ids:
+            content = record
+            head = self.personal_heads.get(node_id)
+            if head is not None:
+                arrays = ArrayRecord({k: v for k, v in record[self.arrayrecord_key].items()})  # type: ignore[union-attr]
+                for k, v in head.items():
+                    arrays[FEDPAC_HEAD + k] = Array(np.asarray(v, order="C"))
+                content = RecordDict(
+                    {self.arrayrecord_key: arrays, self.configrecord_key: record[self.configrecord_key]}
+                )
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node_id))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from robustlab.fedld.aggregation import (
+            aggregate_prototypes,
+            combine_heads,
+            fedpac_head_weights,
+            mean_delta,
+        )
+
+        valid = self._usable_replies(server_round, replies)
+        if valid is None:
+            return None, None
+        assert self.global_arrays is not None, "configure_train must run before aggregate_train"
+        models, weights = self._client_models(valid)
+        nodes = [int(m.metadata.src_node_id) for m in valid]
+        # global arrays: the sample-weighted mean of the client models (the clients use its body)
+        new = mean_delta([{k: m[k] for k in self.global_arrays} for m in models], weights)
+        # personalised heads from the statistics computed before training and the heads after it
+        heads = [{k: m[k] for k in self.head_keys} for m in models]
+        alphas = fedpac_head_weights(
+            [float(np.ravel(m[FEDPAC_V])[0]) for m in models], [m[FEDPAC_H] for m in models]
+        )
+        self_weight, collaborators = [], []
+        for i, (node, alpha) in enumerate(zip(nodes, alphas, strict=True)):
+            if alpha is None:
+                self.personal_heads[node] = heads[i]
+                self_weight.append(1.0)
+                collaborators.append(1.0)
+            else:
+                self.personal_heads[node] = combine_heads(heads, alpha)
+                self_weight.append(float(alpha[i] / alpha.sum()))
+                collaborators.append(float(np.count_nonzero(alpha)))
+        # global prototypes: per class, the count-weighted mean of the clients' prototypes
+        protos, sizes = [], []
+        for m in models:
+            counts = np.ravel(m[FEDPAC_COUNT])
+            present = np.flatnonzero(counts > 0)
+            protos.append({int(c): m[FEDPAC_PROTO][c] for c in present})
+            sizes.append({int(c): float(counts[c]) for c in present})
+        merged = aggregate_prototypes(protos, sizes)
+        shape = np.shape(models[0][FEDPAC_PROTO])
+        self.global_protos = np.zeros(shape, dtype=np.float64)
+        self.global_proto_counts = np.zeros(shape[0], dtype=np.float64)
+        for c, proto in merged.items():
+            self.global_protos[c] = proto
+            self.global_proto_counts[c] = sum(s.get(c, 0.0) for s in sizes)
+        self.last_diagnostics.update(
+            {
+                "fedpac-self-weight": float(np.mean(self_weight)),
+                "fedpac-collaborators": float(np.mean(collaborators)),
+                "fedpac-qp-fallbacks": float(sum(a is None for a in alphas)),
+                "fedpac-variance": float(np.mean([np.ravel(m[FEDPAC_V])[0] for m in models])),
+            }
+        )
+        return self._finish(new), self._train_metrics(valid)
+
+    def state_dict(self) -> NDict:
+        if self.global_protos is None or self.global_proto_counts is None:
+            return {}
+        return {FEDPAC_GLOBAL_PROTO: self.global_protos, FEDPAC_GLOBAL_COUNT: self.global_proto_counts}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        unknown = sorted(set(state) - {FEDPAC_GLOBAL_PROTO, FEDPAC_GLOBAL_COUNT})
+        if unknown:
+            raise ValueError(f"FedPAC state has unknown entries {unknown}")
+        if state:
+            self.global_protos = np.asarray(state[FEDPAC_GLOBAL_PROTO], np.float64)
+            self.global_proto_counts = np.asarray(state[FEDPAC_GLOBAL_COUNT], np.float64)
+        else:
+            self.global_protos = self.global_proto_counts = None
+
+
 # --------------------------------------------------------------------------- registry
 
 #: method name -> (strategy factory, one-line description); factories take the experiment's options
@@ -592,6 +776,15 @@ def _scaffold(o: Mapping[str, Any]) -> Scaffold:
 @_register("moon", "MOON: model-contrastive local loss")
 def _moon(o: Mapping[str, Any]) -> MOON:
     return MOON(mu=float(o.get("moon_mu", 1.0)), tau=float(o.get("moon_tau", 0.5)), **_common(o))
+
+
+@_register("fedpac", "FedPAC: feature alignment to global prototypes + personalised head combination")
+def _fedpac(o: Mapping[str, Any]) -> FedPAC:
+    return FedPAC(
+        lam=float(o.get("fedpac_lambda", 1.0)),
+        head_keys=o.get("head_keys") or ("head.weight", "head.bias"),
+        **_common(o),
+    )
 
 
 def make_strategy(method: str, options: Mapping[str, Any]) -> Any:

@@ -94,6 +94,12 @@ class Task:
 
         return models.batchnorm_keys(self.build_model())
 
+    def head_keys(self) -> list[str]:
+        """State entries of the model's classifier head (what FedPAC personalises)."""
+        from robustlab.fedld import models
+
+        return models.head_keys(self.build_model())
+
     def features_and_logits(
         self, model: torch.nn.Module, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
