@@ -781,8 +781,8 @@ def _run_parallel(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=quiet) as pool:
         jobs = [pool.submit(_seed_worker, cfg, s, str(out), str(cache), data_dir) for s in seeds]
-        if judge:
-            jobs.insert(len(jobs) - 1, pool.submit(_judge_worker, str(cache), data_dir))
+        if judge:  # last: the seeds' points are the results, the judge only adds a column to some of them
+            jobs.append(pool.submit(_judge_worker, str(cache), data_dir))
         errors = [f.exception() for f in as_completed(jobs)]
     for e in errors:
         if e is not None:
