@@ -10,12 +10,30 @@ from __future__ import annotations
 import numpy as np
 
 
+def row_sum(x: np.ndarray) -> np.ndarray:
+    """Sum over the last axis. For the short rows here (one entry per action) a matrix-vector product is
+    several times faster than ``x.sum(-1)``, whose reduction loop restarts for every row."""
+    return x @ np.ones(x.shape[-1])
+
+
+def row_min(x: np.ndarray) -> np.ndarray:
+    """Minimum over the last axis; for short rows an elementwise minimum over the columns (faster than
+    ``x.min(-1)`` for the same reason as :func:`row_sum`)."""
+    if x.shape[-1] > 16:
+        return x.min(-1)
+    m = np.array(x[..., 0], copy=True)
+    for a in range(1, x.shape[-1]):
+        np.minimum(m, x[..., a], out=m)
+    return m
+
+
 def hedge(cumulative_losses: np.ndarray, eta: float) -> np.ndarray:
     """argmin_p <p, C> + (1/eta) sum p ln p over the simplex (last axis): a softmax of -eta C."""
     C = np.asarray(cumulative_losses, dtype=float)
-    z = -eta * (C - C.min(-1, keepdims=True))
+    z = C - row_min(C)[..., None]
+    z *= -eta
     np.exp(z, out=z)
-    z /= z.sum(-1, keepdims=True)
+    z /= row_sum(z)[..., None]
     return z
 
 
@@ -39,18 +57,21 @@ def log_barrier(
     ``return_multiplier`` also returns t (to warm-start the next call).
     """
     C = np.asarray(cumulative_losses, dtype=float)
-    u = eta * (C - C.min(-1, keepdims=True))
+    u = C - row_min(C)[..., None]
+    u *= eta
     t = np.ones((*u.shape[:-1], 1)) if t0 is None else np.array(t0, dtype=float, copy=True)
     for _ in range(max_iter):
-        r = 1.0 / (u + t)
-        g = r.sum(-1, keepdims=True)
+        r = u + t
+        np.reciprocal(r, out=r)
+        g = row_sum(r)[..., None]
         if np.max(np.abs(g - 1.0)) <= tol:
             break
         r *= r
-        t += (g - 1.0) / r.sum(-1, keepdims=True)
+        t += (g - 1.0) / row_sum(r)[..., None]
         np.maximum(t, 1.0, out=t)
-    p = 1.0 / (u + t)
-    p /= p.sum(-1, keepdims=True)
+    p = u + t
+    np.reciprocal(p, out=p)
+    p /= row_sum(p)[..., None]
     return (p, t) if return_multiplier else p
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from robustlab.advmdp.algorithms.specs import AlgorithmSpec, Params
 from robustlab.advmdp.covariance import Simulator, mgr
 from robustlab.advmdp.exact import comparator_value
-from robustlab.advmdp.ftrl import hedge, log_barrier
+from robustlab.advmdp.ftrl import hedge, log_barrier, row_sum
 from robustlab.advmdp.losses import LossSequence, adaptive_theta
 from robustlab.advmdp.mdp import LinearMDP
 from robustlab.errors import UserError
@@ -218,6 +218,9 @@ def _run_batch(
     rho_B = np.tile(m.rho, (B, 1))
     U = None
     t_lb = None
+    if spec.estimator == "mr_unbiased" and mode == "oracle":
+        G_buf = np.empty((B * nA, nA), dtype=np.float32)
+        absw = np.empty((H, B, nA, 1), dtype=np.float32)
 
     for k in range(K):
         j = k % block
@@ -279,7 +282,7 @@ def _run_batch(
                 w_h = theta_k[h] + (V @ m.muT[h] if h < H - 1 else np.zeros((B, d)))
                 Qh = (w_h @ m.PhiFT[h]).reshape(B, n, A)
                 C[h] += Qh
-                V = (pi[h] * Qh).sum(-1)
+                V = row_sum(pi[h] * Qh)
             continue
 
         L = np.cumsum(ell[::-1], axis=0)[::-1]  # L_{k,h}: suffix sums
@@ -296,12 +299,15 @@ def _run_batch(
             if mode == "oracle":
                 # E_{(s',a') ~ pi_k}[(phi^T Sp phi')_-] = (E|G| - E G) / 2 with the Gram matrix
                 # G = Phi Sp Phi^T (nA x nA per layer and seed), computed in float32 (relative error ~1e-7).
+                # One layer at a time, so that G (B*nA x nA) stays in cache between the three passes.
                 M1 = np.matmul(m.PhiF32[:, None], Sp.astype(np.float32))  # (H, B, nA, d)
-                G = np.matmul(M1.reshape(H, B * nA, d), m.PhiFT32).reshape(H, B, nA, nA)
-                np.abs(G, out=G)
-                absw = np.matmul(G, wq.reshape(H, B, nA, 1).astype(np.float32))[..., 0]
+                wq32 = wq.reshape(H, B, nA, 1).astype(np.float32)
+                for h in range(H):
+                    np.matmul(M1[h].reshape(B * nA, d), m.PhiFT32[h], out=G_buf)
+                    np.abs(G_buf, out=G_buf)
+                    np.matmul(G_buf.reshape(B, nA, nA), wq32[h], out=absw[h])
                 signed = np.matmul(np.matmul(Sp, phibar[..., None])[..., 0], m.PhiFT)  # phi^T Sp phibar
-                Eneg = 0.5 * (absw - signed)
+                Eneg = 0.5 * (absw[..., 0] - signed)
             else:
                 M1 = np.matmul(m.PhiF[:, None], Sp)
                 Eneg = np.stack(
@@ -313,13 +319,13 @@ def _run_batch(
             np.maximum(Qt, -1.0 / (2.0 * eta), out=Qt)
         if spec.bonus and np.any(beta > 0):
             w = np.matmul(Sp.reshape(H, B, d * d), m.PhiPhiT).reshape(H, B, n, A)  # ||phi(s,a)||^2_{Sp}
-            b = beta * (w + (pi * w).sum(-1, keepdims=True))
+            b = beta * (w + row_sum(pi * w)[..., None])
             if mode == "oracle":
                 nxt = None
                 for h in reversed(range(H)):
                     if nxt is not None:
                         b[h] += dil * np.matmul(nxt @ m.muT[h], m.PhiFT[h]).reshape(B, n, A)
-                    nxt = (pi[h] * b[h]).sum(-1)
+                    nxt = row_sum(pi[h] * b[h])
                 Bonus = b
             else:
                 Bonus = np.stack(
