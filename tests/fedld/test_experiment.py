@@ -160,3 +160,14 @@ def test_fedavg_slr_without_fedld_or_server_lr_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     code, err = _cli(["--dataset", "digits", "--methods", "fedavg-slr", "--out", str(out)], capsys)
     assert code == 2 and "fedld" in err and not out.exists()
+
+
+def test_full_reproduction_runs_every_method():
+    """The registered full sweep is the issue's acceptance sweep: every method, none twice."""
+    from robustlab.fedld.experiment import METHODS
+    from robustlab.fedld.reproduce import FIVE_SEED_METHODS, THREE_SEED_METHODS, plan
+
+    assert sorted(FIVE_SEED_METHODS + THREE_SEED_METHODS) == sorted(METHODS)
+    runs = plan("full", seed=0)
+    assert {(r[2] == FIVE_SEED_METHODS, r[3]) for r in runs} == {(True, 5), (False, 3)}
+    assert {r[1] for r in runs} == {100.0, 1.0, 0.5} and {r[4] for r in runs} == {100}

@@ -6,7 +6,7 @@ digits), 5 clients, Dirichlet beta in {100, 0.5}, FedAvg / FedProx / FedLD, 1 se
 
 full (the issue's acceptance sweep; many CPU-hours, resumable so it may span sessions): RetinaMNIST and
 PneumoniaMNIST (balanced), 5 clients, beta in {100, 1, 0.5}, 100 rounds; FedAvg, its two controls, FedLD
-and its two ablations over 5 seeds; FedProx, FedBN, FedGH, SCAFFOLD, MOON over 3 seeds.
+and its two ablations over 5 seeds; FedProx, FedBN, FedGH, SCAFFOLD, MOON, FedPAC over 3 seeds.
 
 Both write one run folder per (dataset, beta) under ``out`` (rerunning the same command resumes) and a
 section with one table and one accuracy-vs-round figure per (dataset, beta), plus the clients' label
@@ -24,7 +24,7 @@ from robustlab.report import Section
 QUICK_ROUNDS = 10
 FULL_ROUNDS = 100
 FIVE_SEED_METHODS = ["fedavg", "fedavg-unweighted", "fedld", "fedavg-slr", "fedld-margin", "fedld-pg"]
-THREE_SEED_METHODS = ["fedprox", "fedbn", "fedgh", "scaffold", "moon"]
+THREE_SEED_METHODS = ["fedprox", "fedbn", "fedgh", "scaffold", "moon", "fedpac"]
 
 
 def _data() -> tuple[str | None, list[str]]:
