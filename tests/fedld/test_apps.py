@@ -229,3 +229,25 @@ def test_injected_fault_raises():
     client_app._maybe_fault(cfg, 1, 2)  # other client: nothing
     with pytest.raises(client_app.InjectedFault):
         client_app._maybe_fault(cfg, 0, 2)
+
+
+def test_restarted_client_resumes_from_its_newest_state_after_a_missed_round(tmp_path):
+    """A client that failed round 2 still holds its round-1 state when round 3 starts; a restarted client
+    must load exactly that (not nothing), and after round 3 its round-3 state."""
+    from flwr.app import Array
+
+    key = client_app.STATE_KEYS[0]
+    cfg = {"client-state-dir": str(tmp_path), "cell": "c"}
+    live = context(0)
+    live.state[key] = ArrayRecord({"x": Array(np.array([1.0]))})
+    client_app._save_state(live, cfg, 0, 1)
+    live.state[key] = ArrayRecord({"x": Array(np.array([3.0]))})  # round 2 missed; round 3 trains
+    client_app._save_state(live, cfg, 0, 3)
+    for resume_round, expected in ((3, 1.0), (4, 3.0)):  # killed before / after the server's round 3
+        fresh = context(0)
+        client_app._load_state(fresh, cfg, 0, resume_round)
+        assert float(fresh.state[key]["x"].numpy()[0]) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p0_r1.npz", "p0_r3.npz"]
+    live.state[key] = ArrayRecord({"x": Array(np.array([4.0]))})
+    client_app._save_state(live, cfg, 0, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p0_r3.npz", "p0_r4.npz"]  # older ones go

@@ -119,6 +119,19 @@ def _state_path(config: Mapping[str, Any], partition_id: int, server_round: int)
     return Path(str(d)) / f"p{partition_id}_r{server_round}.npz" if d else None
 
 
+def _saved_states(config: Mapping[str, Any], partition_id: int) -> list[tuple[int, Path]]:
+    """(round, path) of this client's saved state files, oldest first."""
+    d = config.get("client-state-dir")
+    if not d:
+        return []
+    found = []
+    for path in Path(str(d)).glob(f"p{partition_id}_r*.npz"):
+        r = path.stem.rpartition("_r")[2]
+        if r.isdigit():
+            found.append((int(r), path))
+    return sorted(found)
+
+
 def _enter_cell(context: Context, config: Mapping[str, Any]) -> None:
     """One simulation may train several (method, seed) cells in turn: drop the previous cell's state."""
     cell = str(config.get("cell", ""))
@@ -135,10 +148,11 @@ def _load_state(context: Context, config: Mapping[str, Any], partition_id: int, 
     _enter_cell(context, config)
     if any(k in context.state for k in STATE_KEYS) or server_round <= 1:
         return
-    path = _state_path(config, partition_id, server_round - 1)
-    if path is None or not path.exists():
+    # the newest saved round before this one: a client that failed a round kept its older state
+    saved = [p for r, p in _saved_states(config, partition_id) if r < server_round]
+    if not saved:
         return
-    with np.load(path) as z:
+    with np.load(saved[-1]) as z:
         groups: dict[str, dict[str, np.ndarray]] = {}
         for name in z.files:
             group, key = name.split("::", 1)
@@ -161,9 +175,11 @@ def _save_state(context: Context, config: Mapping[str, Any], partition_id: int, 
     buf = io.BytesIO()
     np.savez(buf, **flat)
     atomic_write_bytes(path, buf.getvalue())
-    old = _state_path(config, partition_id, server_round - 2)
-    if old is not None and old.exists():
-        old.unlink(missing_ok=True)
+    # Keep this round's file and the newest earlier one: a run killed before the server checkpoints this
+    # round resumes at this round and loads that one.
+    earlier = [p for r, p in _saved_states(config, partition_id) if r < server_round]
+    for stale in earlier[:-1]:
+        stale.unlink(missing_ok=True)
 
 
 def _record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -531,6 +547,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(task.partitions[pid]),
             "train-loss": float(record["loss"]),
             "local-steps": int(record["steps"]),
+            "partition-id": pid,  # lets the server aggregate in a fixed order
         }
     )
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -77,6 +77,13 @@ def cast_like(arrays: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) 
     return out
 
 
+def _reply_order(msg: Message) -> tuple[int, int]:
+    metrics = _metric_dict(msg)
+    if "partition-id" in metrics:
+        return 0, int(metrics["partition-id"])
+    return 1, int(msg.metadata.src_node_id)
+
+
 def _metric_dict(msg: Message) -> dict[str, Any]:
     return dict(next(iter(msg.content.metric_records.values())))
 
@@ -160,7 +167,9 @@ class _RobustMixin:
             )
             self.skipped_rounds.append(server_round)
             return None
-        return valid
+        # Replies arrive in completion order; floating-point sums (and FedGH's pairing) depend on the
+        # order, so fix it: by partition id (stable across restarts), else by node id.
+        return sorted(valid, key=_reply_order)
 
     def _client_models(self, valid: list[Message]) -> tuple[list[NDict], list[float]]:
         models = [arrays_to_numpy(_arrays_of(m)) for m in valid]
@@ -174,6 +183,8 @@ class _RobustMixin:
 
     def _train_metrics(self, valid: list[Message]) -> MetricRecord:
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)  # type: ignore[attr-defined]
+        if "partition-id" in metrics:  # an identifier, not a quantity to average
+            del metrics["partition-id"]
         for k, v in self.last_diagnostics.items():
             metrics[k] = float(v)
         return metrics
@@ -313,8 +324,10 @@ class FedLD(_DeltaStrategy):
 
     Decisions on the official code's quirks (brief section 1.6): no hidden learning-rate warm-up (the
     client lr is the configured lr from round 1); no "plain mean in the first round" special case (the
-    official code falls back to the mean only because its warm-up makes round-0 deltas zero); full or
-    partial participation both work, as ``m`` is the number of replies.
+    official code takes the plain mean while its EMA history is empty, i.e. in its first round, where its
+    warm-up's lr of 0 leaves only the BatchNorm statistics moving; without the warm-up, the principal-
+    gradient aggregation applies from the first round); full or partial participation both work, as ``m``
+    is the number of replies.
     """
 
     def __init__(
