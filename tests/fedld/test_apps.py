@@ -207,13 +207,25 @@ def test_evaluate_reports_accuracy_on_the_clients_test_share(task):
         acc = float((model(task.x_test[idx]).argmax(1) == task.y_test[idx]).float().mean())
     assert m["accuracy"] == pytest.approx(acc)
     assert m["num-examples"] == len(idx) and m["partition-id"] == 1
+    with torch.no_grad():
+        pred = model(task.x_test[idx]).argmax(1)
+        vidx = task.val_partitions[1]
+        val_hits = int((model(task.x_val[vidx]).argmax(1) == task.y_val[vidx]).sum())
+    y = task.y_test[idx]
+    assert list(m["test-class-count"]) == [int((y == c).sum()) for c in range(task.num_classes)]
+    assert list(m["test-class-correct"]) == [
+        int(((y == c) & (pred == c)).sum()) for c in range(task.num_classes)
+    ]
+    assert m["val-examples"] == len(vidx) > 0 and m["val-correct"] == val_hits
 
 
-def test_test_shares_follow_training_label_mix_and_cover_the_test_split(task):
-    parts = task.test_partitions
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_test_shares_follow_training_label_mix_and_cover_the_test_split(task, split):
+    parts = task.test_partitions if split == "test" else task.val_partitions
     allidx = np.concatenate(parts)
     assert len(np.unique(allidx)) == len(allidx)  # disjoint
-    y_tr, y_te = task.y_train.numpy(), task.y_test.numpy()
+    y_tr = task.y_train.numpy()
+    y_te = (task.y_test if split == "test" else task.y_val).numpy()
     trained = {int(c) for p in task.partitions for c in np.unique(y_tr[p])}
     assert set(np.flatnonzero(np.isin(y_te, list(trained)))) == set(allidx)
     for c in range(task.num_classes):

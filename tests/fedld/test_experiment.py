@@ -171,3 +171,48 @@ def test_full_reproduction_runs_every_method():
     runs = plan("full", seed=0)
     assert {(r[2] == FIVE_SEED_METHODS, r[3]) for r in runs} == {(True, 5), (False, 3)}
     assert {r[1] for r in runs} == {100.0, 1.0, 0.5} and {r[4] for r in runs} == {100}
+
+
+def test_personalised_methods_are_reported_on_the_clients_models(tmp_path):
+    """FedBN / FedPAC: round chosen on the clients' pooled validation accuracy, numbers from the clients'
+    own models; a global-model method keeps the server's validation-chosen round."""
+    from robustlab.fedld.experiment import ExperimentConfig, summarize, summary_table
+    from robustlab.runs import RunDir
+
+    def rnd(r, server_val, server_test, client_val, client_test, client_bal):
+        return {
+            "round": r,
+            "val": {"accuracy": server_val, "balanced_accuracy": 0.0, "auc": 0.5, "loss": 1.0},
+            "test": {"accuracy": server_test, "balanced_accuracy": server_test / 2, "auc": 0.6, "loss": 1.0},
+            "clients": {
+                "accuracy": client_test,
+                "accuracy-unweighted": client_test,
+                "balanced-accuracy": client_bal,
+                "val-accuracy": client_val,
+            },
+            "seconds": 1.0,
+        }
+
+    history = [
+        rnd(0, 0.1, 0.1, 0.1, 0.1, 0.1),
+        rnd(1, 0.9, 0.40, 0.2, 0.30, 0.25),
+        rnd(2, 0.5, 0.45, 0.8, 0.70, 0.60),
+    ]
+    history.append(rnd(3, 0.4, 0.42, 0.7, 0.65, 0.55))
+    run = RunDir(tmp_path)
+    for method in ("fedbn", "fedavg"):
+        run.save(f"method={method}__seed=0", {"method": method, "seed": 0, "history": history})
+    cfg = ExperimentConfig(dataset="digits", methods=["fedavg", "fedbn"], rounds=3, seeds=1)
+    s = summarize(run, cfg)
+    assert s["methods"]["fedbn"]["reported"] == "clients"
+    assert s["methods"]["fedbn"]["clients_best"]["round"]["mean"] == 2  # client validation, not server's 1
+    assert (
+        s["methods"]["fedavg"]["reported"] == "server"
+        and s["methods"]["fedavg"]["best"]["round"]["mean"] == 1
+    )
+    rows = {r[0]: r for r in summary_table(s)[1]}
+    bn = next(r for k, r in rows.items() if k.startswith("FedBN"))
+    assert bn[2].startswith("0.700") and bn[3].startswith("0.600") and bn[4] == "—"  # val-chosen: clients
+    assert bn[5].startswith("0.650") and bn[6].startswith("0.550")  # final round: clients
+    avg = next(r for k, r in rows.items() if k.startswith("FedAvg"))
+    assert avg[2].startswith("0.400")  # server copy, round 1

@@ -333,6 +333,38 @@ def test_evaluate_aggregate_reports_weighted_unweighted_and_per_client():
     assert out["client-partition"] == [0, 1]
 
 
+def test_evaluate_aggregate_pools_the_clients_counts():
+    """Balanced accuracy and validation accuracy over the union of the clients' shares, from counts."""
+    rows = [  # (test correct per class, test count per class, val correct, val examples)
+        ([3, 0, 1], [4, 0, 2], 5, 7),
+        ([1, 2, 0], [1, 4, 0], 0, 3),
+    ]
+    recs = [
+        RecordDict(
+            {
+                "m": MetricRecord(
+                    {
+                        "num-examples": sum(cnt),
+                        "accuracy": sum(cor) / sum(cnt),
+                        "loss": 1.0,
+                        "partition-id": p,
+                        "test-class-correct": cor,
+                        "test-class-count": cnt,
+                        "val-correct": vc,
+                        "val-examples": vn,
+                    }
+                )
+            }
+        )
+        for p, (cor, cnt, vc, vn) in enumerate(rows)
+    ]
+    out = evaluate_metrics_aggregate(recs, "num-examples")
+    # pooled recall per class: 4/5, 2/4, 1/2 -> their mean; pooled accuracy 7/11 (the weighted mean)
+    assert out["balanced-accuracy"] == pytest.approx((4 / 5 + 2 / 4 + 1 / 2) / 3)
+    assert out["accuracy"] == pytest.approx(7 / 11)
+    assert out["val-accuracy"] == pytest.approx(5 / 10)
+
+
 def test_package_exports_are_lazy_and_complete():
     import subprocess
     import sys

@@ -554,7 +554,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on the client's test part (FedBN: with this client's BatchNorm;
+    """Evaluate the received global model on the client's test and validation parts (FedBN: with this client's BatchNorm;
     FedPAC: with this client's personalised head, which the server sends here right after combining it;
     the client stores it for its next round)."""
     torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
@@ -570,13 +570,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     elif "fedpac-head" in context.state:
         _load_personal_head(model, _personal_head(fedpac, context))
     idx = task.test_partitions[pid]
-    result = task.evaluate(model, task.x_test[idx], task.y_test[idx])
+    result = task.evaluate(model, task.x_test[idx], task.y_test[idx], per_class=True)
+    vidx = task.val_partitions[pid]
+    val = task.evaluate(model, task.x_val[vidx], task.y_val[vidx], per_class=True)
     metrics = MetricRecord(
         {
             "num-examples": len(idx),
             "accuracy": float(result["accuracy"]),
             "loss": float(result["loss"]),
             "partition-id": pid,
+            # counts (not rates), so the server pools the clients' shares exactly
+            "test-class-correct": result["class_correct"],
+            "test-class-count": result["class_count"],
+            "val-correct": int(sum(val["class_correct"])),
+            "val-examples": len(vidx),
         }
     )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -36,6 +36,10 @@ from robustlab.runs import RunDir, cell_key, to_jsonable
 
 log = logging.getLogger("robustlab.fedld")
 
+#: methods whose clients never use the server's averaged model as it is (FedBN: local BatchNorm; FedPAC:
+#: a personal head): reported on the clients' own models, round chosen on their validation shares
+PERSONALISED = ("fedbn", "fedpac")
+
 #: every method the experiment runs (strategy registry names), in run order (FedLD before the control
 #: whose server learning rate is matched to FedLD's measured update-size ratio)
 METHODS = (
@@ -463,7 +467,7 @@ def summarize(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
     """Per method over its finished seeds: final and validation-chosen test numbers (mean, std), curves."""
     import numpy as np
 
-    from robustlab.fedld.server_app import best_round
+    from robustlab.fedld.server_app import best_client_round, best_round
 
     methods: dict[str, Any] = {}
     for key in run.done_keys():
@@ -485,12 +489,27 @@ def summarize(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
             for h in hist
             if (h.get("diagnostics") or {}).get("update-cosine") is not None
         ]
+        cbest = best_client_round(hist)
+        fclients = final.get("clients") or {}
         m["seeds"].append(cell["seed"])
         m["per_seed"].append(
             {
                 "seed": cell["seed"],
                 "final": {"round": final["round"], **final["test"]},
                 "best": {"round": best["round"], "val_accuracy": best["val"]["accuracy"], **best["test"]},
+                # the clients' own models (local BatchNorm, personal heads), pooled over their shares
+                "clients_best": None
+                if cbest is None
+                else {
+                    "round": cbest["round"],
+                    "val_accuracy": cbest["clients"]["val-accuracy"],
+                    "accuracy": cbest["clients"].get("accuracy"),
+                    "balanced_accuracy": cbest["clients"].get("balanced-accuracy"),
+                },
+                "clients_final": {
+                    "accuracy": fclients.get("accuracy"),
+                    "balanced_accuracy": fclients.get("balanced-accuracy"),
+                },
                 "final_client_accuracy": (final.get("clients") or {}).get("accuracy"),
                 "final_client_accuracy_unweighted": (final.get("clients") or {}).get("accuracy-unweighted"),
                 "final_client_accuracies": (final.get("clients") or {}).get("client-accuracy"),
@@ -519,6 +538,18 @@ def summarize(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
                 for k in ("accuracy", "balanced_accuracy", "auc", "loss")
             }
         m["best"]["round"] = _mean_std([p["best"]["round"] for p in ps])
+        # Personalised methods are reported on the clients' own models when every seed has those numbers
+        # (cells run before the clients evaluated on validation do not: they keep the server copy's).
+        native = method in PERSONALISED and all(p["clients_best"] is not None for p in ps)
+        m["reported"] = "clients" if native else "server"
+        if native:
+            m["clients_best"] = {
+                k: _mean_std([p["clients_best"][k] for p in ps])
+                for k in ("round", "val_accuracy", "accuracy", "balanced_accuracy")
+            }
+            m["clients_final"] = {
+                k: _mean_std([p["clients_final"][k] for p in ps]) for k in ("accuracy", "balanced_accuracy")
+            }
         m["final_client_accuracy"] = _mean_std([p["final_client_accuracy"] for p in ps])
         m["final_client_accuracy_unweighted"] = _mean_std([p["final_client_accuracy_unweighted"] for p in ps])
         m["update_ratio_median"] = _mean_std([p["update_ratio_median"] for p in ps])
@@ -534,7 +565,8 @@ def summarize(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
     ordered = {k: methods[k] for k in sorted(methods, key=lambda k: METHODS.index(k) if k in METHODS else 99)}
     return {
         "config": to_jsonable(asdict(cfg)),
-        "selection": "best round = highest validation accuracy (earliest on ties); test read at that round",
+        "selection": "best round = highest validation accuracy (earliest on ties); test read at that round. "
+        "FedBN, FedPAC: the clients' own models, round chosen on their pooled validation accuracy",
         "methods": ordered,
     }
 
@@ -560,16 +592,23 @@ def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for m in summary["methods"].values():
         ca, cu = m["final_client_accuracy"], m["final_client_accuracy_unweighted"]
+        native = m.get("reported") == "clients"
+        best = m["clients_best"] if native else m["best"]
+        final = m["clients_final"] if native else m["final"]
         rows.append(
             [
-                m["label"],
+                m["label"] + (" (clients' own models)" if native else ""),
                 len(m["seeds"]),
-                _pm(m["best"]["accuracy"]),
-                _pm(m["best"]["balanced_accuracy"]),
-                _pm(m["best"]["auc"]),
-                _pm(m["final"]["accuracy"]),
-                _pm(m["final"]["balanced_accuracy"]),
-                (f"{ca['mean']:.3f} / {cu['mean']:.3f}" if ca.get("mean") is not None else "—"),
+                _pm(best["accuracy"]),
+                _pm(best["balanced_accuracy"]),
+                "—" if native else _pm(m["best"]["auc"]),
+                _pm(final["accuracy"]),
+                _pm(final["balanced_accuracy"]),
+                (
+                    f"{ca['mean']:.3f} / {cu['mean']:.3f}"
+                    if None not in (ca.get("mean"), cu.get("mean"))
+                    else "—"
+                ),
                 _pm(m["update_ratio_median"], 2) if m["update_ratio_median"].get("mean") is not None else "",
             ]
         )
@@ -585,7 +624,8 @@ def write_outputs(run: RunDir, cfg: ExperimentConfig, summary: dict[str, Any]) -
     cols, rows = summary_table(summary)
     head = (
         f"{cfg.dataset}, {cfg.clients} clients, Dirichlet beta={cfg.beta}, {cfg.rounds} rounds; "
-        "mean ± std over seeds; val-chosen = round with the best validation accuracy.\n\n"
+        "mean ± std over seeds; val-chosen = round with the best validation accuracy (FedBN, FedPAC: their "
+        "clients' own models, round chosen on the clients' pooled validation shares).\n\n"
     )
     atomic_write_text(run.path / "table.md", head + markdown_table(cols, rows) + "\n")
     paths = {"summary": run.path / "summary.json", "table": run.path / "table.md"}

@@ -181,6 +181,22 @@ def best_round(history: list[dict[str, Any]], key: str = "accuracy") -> dict[str
     return best
 
 
+def best_client_round(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The round with the highest validation accuracy of the clients' own models, pooled over their
+    validation shares (earliest on ties; round 0 excluded); ``None`` when the clients reported none. What
+    personalised methods (FedBN, FedPAC) are judged by: they never use the server's averaged model."""
+    rounds = [
+        h for h in history if h["round"] > 0 and (h.get("clients") or {}).get("val-accuracy") is not None
+    ]
+    if not rounds:
+        return None
+    best = rounds[0]
+    for h in rounds[1:]:
+        if h["clients"]["val-accuracy"] > best["clients"]["val-accuracy"]:
+            best = h
+    return best
+
+
 # --------------------------------------------------------------------------- flwr run / deployment
 
 #: run-config keys (pyproject ``[tool.flwr.app.config]`` or ``flwr run --run-config``) and their defaults

@@ -98,6 +98,9 @@ def evaluate_metrics_aggregate(records: list[RecordDict], weighting_key: str) ->
     Each client reports ``accuracy``, ``loss``, ``num-examples`` and ``partition-id``. The result holds
     ``accuracy`` / ``loss`` (weighted by ``num-examples``), ``accuracy-unweighted`` / ``loss-unweighted``
     (plain mean over clients) and ``client-accuracy`` / ``client-partition`` (lists in partition order).
+    When every client also reports counts (this project's ClientApp does), the clients' shares are pooled:
+    ``balanced-accuracy`` from ``test-class-correct`` / ``test-class-count`` (mean over classes of the
+    pooled recall) and ``val-accuracy`` from ``val-correct`` / ``val-examples``.
     """
     rows = [dict(next(iter(r.metric_records.values()))) for r in records]
     rows.sort(key=lambda m: m.get("partition-id", 0))
@@ -112,6 +115,16 @@ def evaluate_metrics_aggregate(records: list[RecordDict], weighting_key: str) ->
         out["client-accuracy"] = [float(m["accuracy"]) for m in rows]
         out["client-partition"] = [int(m.get("partition-id", -1)) for m in rows]
         out["client-examples"] = [int(m[weighting_key]) for m in rows]
+    if rows and all("test-class-correct" in m and "test-class-count" in m for m in rows):
+        correct = np.sum([np.asarray(m["test-class-correct"], dtype=float) for m in rows], axis=0)
+        count = np.sum([np.asarray(m["test-class-count"], dtype=float) for m in rows], axis=0)
+        seen = count > 0
+        if seen.any():
+            out["balanced-accuracy"] = float(np.mean(correct[seen] / count[seen]))
+    if rows and all("val-correct" in m and "val-examples" in m for m in rows):
+        total = sum(int(m["val-examples"]) for m in rows)
+        if total > 0:
+            out["val-accuracy"] = sum(int(m["val-correct"]) for m in rows) / total
     return out
 
 

@@ -76,6 +76,9 @@ class Task:
     image_size: int
     partitions: list[np.ndarray]
     test_partitions: list[np.ndarray]
+    #: the validation split divided like the test split: personalised methods (FedBN, FedPAC) choose their
+    #: reported round on the clients' own models' validation accuracy
+    val_partitions: list[np.ndarray]
 
     # -- model
     def build_model(self) -> torch.nn.Module:
@@ -120,10 +123,16 @@ class Task:
     # -- metrics
     @torch.no_grad()
     def evaluate(
-        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, full: bool = False
-    ) -> dict[str, float]:
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        full: bool = False,
+        per_class: bool = False,
+    ) -> dict[str, Any]:
         """Accuracy and mean cross-entropy; with ``full`` also balanced accuracy and macro AUC (one-vs-rest
-        for several classes, the positive class's score for two; ``nan`` when a class is missing)."""
+        for several classes, the positive class's score for two; ``nan`` when a class is missing); with
+        ``per_class`` the correct and total counts per class."""
         model.eval()
         logits = (
             torch.cat([model(x[i : i + 512]) for i in range(0, len(x), 512)])
@@ -131,12 +140,16 @@ class Task:
             else torch.zeros(0, self.num_classes)
         )
         n = len(y)
-        out: dict[str, float] = {
+        out: dict[str, Any] = {
             "accuracy": float((logits.argmax(1) == y).float().mean()) if n else float("nan"),
             "loss": float(torch.nn.functional.cross_entropy(logits, y)) if n else float("nan"),
         }
         if full:
             out.update(classification_metrics(y.numpy(), torch.softmax(logits, 1).numpy(), self.num_classes))
+        if per_class:  # exact counts, so that the server can pool the clients' shares
+            hit = logits.argmax(1) == y
+            out["class_correct"] = torch.bincount(y[hit], minlength=self.num_classes).tolist()
+            out["class_count"] = torch.bincount(y, minlength=self.num_classes).tolist()
         return out
 
 
@@ -241,5 +254,8 @@ def load_task(spec: TaskSpec) -> Task:
         partitions=partitions,
         test_partitions=split_test_like_train(
             y_train, partitions, y_test.numpy(), int(ds.num_classes), spec.seed
+        ),
+        val_partitions=split_test_like_train(
+            y_train, partitions, y_val.numpy(), int(ds.num_classes), spec.seed + 1
         ),
     )
