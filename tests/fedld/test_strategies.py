@@ -159,6 +159,26 @@ def test_unweighted_and_server_lr_controls():
         np.testing.assert_allclose(slr[k], g[k] + 0.3 * (weighted - g[k]), rtol=1e-5, atol=1e-6)
 
 
+def test_server_lr_survives_a_restart_and_wins_over_a_new_match():
+    rng = np.random.default_rng(11)
+    g = global_model(rng)
+    models = client_models(rng, g, 3)
+    sizes = [4, 8, 12]
+    started = FedAvgServerLR(server_lr=0.3)
+    # resumed with a different matched lr (its FedLD run was extended): the checkpointed 0.3 is used
+    resumed = FedAvgServerLR(server_lr=0.9)
+    resumed.load_state_dict(started.state_dict())
+    _, a, _ = round_trip(started, g, models, sizes)
+    _, b, _ = round_trip(resumed, g, models, sizes)
+    for k in g:
+        np.testing.assert_array_equal(a[k], b[k])
+    old_checkpoint = FedAvgServerLR(server_lr=0.9)
+    old_checkpoint.load_state_dict({})  # written before the lr was checkpointed: keeps its own
+    assert old_checkpoint.server_lr == 0.9
+    with pytest.raises(ValueError, match="server-lr"):
+        resumed.load_state_dict({"scaffold-c::w": np.zeros(2)})
+
+
 def test_fedld_matches_svd_closed_form_and_logs_ratio():
     rng = np.random.default_rng(2)
     g = global_model(rng)

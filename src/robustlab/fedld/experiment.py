@@ -407,7 +407,7 @@ def _simulate(
                         "method": method,
                         "seed": seed,
                         "rounds": cfg.rounds,
-                        "server_lr": server_lr if method == "fedavg-slr" else None,
+                        "server_lr": strategy.server_lr if method == "fedavg-slr" else None,
                         "skipped_rounds": list(strategy.skipped_rounds),
                         "label_counts": task_label_counts(task),
                         "history": history,

@@ -312,10 +312,24 @@ class FedAvgServerLR(_DeltaStrategy):
     from "FedLD takes different steps".
     """
 
+    SERVER_LR = "server-lr"
+
     def global_update(self, deltas: list[NDict], weights: list[float]) -> NDict:
         from robustlab.fedld.aggregation import mean_delta
 
         return mean_delta(deltas, weights)
+
+    # The server lr is checkpointed: a resumed run keeps the step size it started with, even if the
+    # FedLD run it was matched to has since changed (e.g. been extended to more rounds).
+    def state_dict(self) -> NDict:
+        return {self.SERVER_LR: np.array(self.server_lr)}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        unknown = set(state) - {self.SERVER_LR}
+        if unknown:
+            raise ValueError(f"FedAvgServerLR keeps only {self.SERVER_LR!r}, got {sorted(unknown)}")
+        if self.SERVER_LR in state:  # checkpoints written before the lr was saved lack it
+            self.server_lr = float(state[self.SERVER_LR])
 
 
 class FedLD(_DeltaStrategy):
