@@ -1,0 +1,98 @@
+"""Rebuild the fedld results tables in docs/fedld.md and README.md from the finished cells in results/fedld.
+
+Usage (repo root): .venv/bin/python results/fedld/make_tables.py
+
+For every dataset with run folders here (``<dataset>_beta<b>``), the block between
+``<!-- fedld-results:<dataset>:start -->`` and ``<!-- fedld-results:<dataset>:end -->`` in both files is
+replaced by one table per beta (the experiment's own ``summary_table``) and the per-seed FedLD update
+ratio, cosine and matched server lr. Blocks of datasets with no folder here are left as they are.
+``--figure DATASET:BETA`` redraws that folder's outputs (summary.json, table.md, plots) and copies its
+accuracy plot to docs/fedld_accuracy_<dataset>.png. Reading is safe while the sweep runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from robustlab.fedld.experiment import ExperimentConfig, summarize, summary_table, write_outputs
+from robustlab.report import markdown_table
+from robustlab.runs import RunDir
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+NAMES = {"retinamnist": "RetinaMNIST", "pneumoniamnist_balanced": "PneumoniaMNIST (balanced subsample)"}
+TARGETS = (ROOT / "docs" / "fedld.md", ROOT / "README.md")
+
+
+def load(folder: Path) -> tuple[RunDir, ExperimentConfig, dict]:
+    config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    cfg = ExperimentConfig(**config)
+    run = RunDir(folder)
+    return run, cfg, summarize(run, cfg)
+
+
+def folder_block(folder: Path) -> tuple[str, str, int]:
+    """(dataset, markdown, finished cells) for one run folder."""
+    _, cfg, summary = load(folder)
+    cols, rows = summary_table(summary)
+    lines = [
+        f"**{NAMES.get(cfg.dataset, cfg.dataset)}, {cfg.clients} clients, Dirichlet beta = {cfg.beta:g}, "
+        f"{cfg.rounds} rounds** (finished seeds per method in column 2)",
+        "",
+        markdown_table(cols, rows),
+        "",
+    ]
+    methods = summary["methods"]
+    if "fedld" in methods:
+        ps = methods["fedld"]["per_seed"]
+        ratios = ", ".join(f"{p['update_ratio_median']:.2f}" for p in ps)
+        cosines = ", ".join(f"{p['update_cosine_median']:.2f}" for p in ps)
+        lines.append(f"- FedLD: median update ratio per seed {ratios}; median cosine {cosines}")
+    if "fedavg-slr" in methods:
+        lrs = ", ".join(f"{p['server_lr']:.3f}" for p in methods["fedavg-slr"]["per_seed"])
+        lines.append(f"- FedAvg (server lr) used server lr {lrs} (seed order)")
+    cells = sum(len(m["seeds"]) for m in methods.values())
+    return cfg.dataset, "\n".join(lines).rstrip() + "\n", cells
+
+
+def splice(text: str, dataset: str, block: str) -> str:
+    start, end = f"<!-- fedld-results:{dataset}:start -->", f"<!-- fedld-results:{dataset}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"no {start} ... {end} block found; add the two markers where the tables go")
+    return pattern.sub(lambda _m: f"{start}\n\n{block}\n{end}", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--figure", action="append", default=[], help="DATASET:BETA whose accuracy plot to copy")
+    args = ap.parse_args()
+    folders = sorted(
+        (f for f in HERE.iterdir() if (f / "config.yaml").is_file()),
+        key=lambda f: (f.name.rsplit("_beta", 1)[0], -float(f.name.rsplit("_beta", 1)[1])),
+    )
+    blocks: dict[str, list[str]] = {}
+    for folder in folders:
+        dataset, block, cells = folder_block(folder)
+        print(f"{folder.name}: {cells} finished cells")
+        if cells:
+            blocks.setdefault(dataset, []).append(block)
+    for path in TARGETS:
+        text = path.read_text(encoding="utf-8")
+        for dataset, parts in blocks.items():
+            text = splice(text, dataset, "\n".join(parts))
+        path.write_text(text, encoding="utf-8")
+    for spec in args.figure:
+        dataset, beta = spec.split(":")
+        folder = HERE / f"{dataset}_beta{beta}"
+        write_outputs(*load(folder))
+        shutil.copyfile(folder / "accuracy.png", ROOT / "docs" / f"fedld_accuracy_{dataset}.png")
+
+
+if __name__ == "__main__":
+    main()
