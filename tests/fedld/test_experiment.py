@@ -3,6 +3,7 @@ uninterrupted run exactly, summaries follow their definitions, and bad input fai
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import statistics
 
@@ -89,6 +90,9 @@ def test_summary_follows_definitions(runs):
             assert h["clients"]["accuracy"] == pytest.approx(h["test"]["accuracy"], abs=1e-6)
             assert len(h["clients"]["client-accuracy"]) == 2
             assert h["train"]["replies"] == 2 and h["train"]["failures"] == 0
+        # every cell records the versions that produced it (a sweep may span sessions and upgrades)
+        assert cell["environment"]["packages"]["flwr"] == importlib.metadata.version("flwr")
+        assert cell["environment"]["seed"] == 0
     ratios = [h["diagnostics"]["update-ratio"] for h in cells["fedld"]["history"][1:]]
     assert all(np.isfinite(ratios)) and all(r > 0 for r in ratios)
     assert cells["fedavg-slr"]["server_lr"] == pytest.approx(statistics.median(ratios))

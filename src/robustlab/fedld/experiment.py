@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.errors import UserError
-from robustlab.runs import RunDir, cell_key, to_jsonable
+from robustlab.runs import RunDir, cell_key, environment_info, to_jsonable
 
 log = logging.getLogger("robustlab.fedld")
 
@@ -412,6 +412,9 @@ def _simulate(
                         "label_counts": task_label_counts(task),
                         "history": history,
                         "seconds": time.perf_counter() - t0,
+                        # each cell carries its own versions and commit: a sweep spans sessions and the
+                        # folder's env.json only records the latest call
+                        "environment": environment_info(seed),
                     },
                 )
                 echo(f"  {method} seed {seed}: done in {time.perf_counter() - t0:.0f} s")
