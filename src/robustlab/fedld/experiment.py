@@ -635,11 +635,13 @@ def write_outputs(run: RunDir, cfg: ExperimentConfig, summary: dict[str, Any]) -
     if summary["methods"]:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for name, m in summary["methods"].items():
+        for i, m in enumerate(summary["methods"].values()):
             r = m["curve"]["round"]
             mu = m["curve"]["test_accuracy_mean"]
             sd = m["curve"]["test_accuracy_std"]
-            (line,) = ax.plot(r, mu, label=f"{m['label']} ({len(m['seeds'])} seeds)", lw=1.4)
+            # the colour cycle has 10 colours and there are 12 methods: dash the ones whose colour repeats
+            style = "-" if i < 10 else "--"
+            (line,) = ax.plot(r, mu, style, label=f"{m['label']} ({len(m['seeds'])} seeds)", lw=1.4)
             ax.fill_between(
                 r,
                 [a - b for a, b in zip(mu, sd, strict=True)],
@@ -647,7 +649,6 @@ def write_outputs(run: RunDir, cfg: ExperimentConfig, summary: dict[str, Any]) -
                 color=line.get_color(),
                 alpha=0.12,
             )
-            del name
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy (global model)")
         ax.set_title(f"{cfg.dataset}, {cfg.clients} clients, beta={cfg.beta}")
