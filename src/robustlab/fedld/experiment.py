@@ -635,12 +635,13 @@ def write_outputs(run: RunDir, cfg: ExperimentConfig, summary: dict[str, Any]) -
     if summary["methods"]:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        # more methods than the colour cycle has colours: dash the ones whose colour repeats
+        n_colours = len(plt.rcParams["axes.prop_cycle"].by_key()["color"])
         for i, m in enumerate(summary["methods"].values()):
             r = m["curve"]["round"]
             mu = m["curve"]["test_accuracy_mean"]
             sd = m["curve"]["test_accuracy_std"]
-            # the colour cycle has 10 colours and there are 12 methods: dash the ones whose colour repeats
-            style = "-" if i < 10 else "--"
+            style = "-" if i < n_colours else "--"
             (line,) = ax.plot(r, mu, style, label=f"{m['label']} ({len(m['seeds'])} seeds)", lw=1.4)
             ax.fill_between(
                 r,
