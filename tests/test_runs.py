@@ -139,3 +139,44 @@ def test_cell_keys_are_file_safe():
     key = cell_key(algo="alg 2/x", K=1000, seed=3)
     assert "/" not in key and " " not in key
     assert json.dumps(key)
+
+
+@pytest.mark.parametrize(("umask", "file_mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_permissions_of_a_plain_write(tmp_path, umask, file_mode):
+    """Run folders, reports and results are readable by whoever the user's umask lets read them (0644 under
+    the usual 022), also after an atomic replace, which would otherwise keep mkstemp's private 0600."""
+    from robustlab.report import Report, Section, pyplot, save_figure
+
+    old = os.umask(umask)
+    try:
+        run = RunDir.open(tmp_path / "run", {"a": 1}, seed=0)
+        run.log(step=1)
+        run.save(cell_key(k=1), {"k": 1})
+        run.write_summary({"v": 1})
+        run.write_summary({"v": 2})  # the atomic replace of an existing file
+        fig, ax = pyplot().subplots()
+        ax.plot([0, 1])
+        png = save_figure(fig, tmp_path / "run" / "plot.png")
+        report = Report("r")
+        report.add(Section("s").table("T", ["a"], [[1]]).figure("F", png))
+        report.write(tmp_path / "report")
+        reference = tmp_path / "plain.txt"
+        reference.write_text("x")  # what a plain write gives under this umask
+        files = [p for p in tmp_path.rglob("*") if p.is_file()]
+        dirs = [p for p in tmp_path.rglob("*") if p.is_dir()]
+    finally:
+        os.umask(old)
+    names = {p.name for p in files}
+    assert {"config.yaml", "env.json", "metrics.jsonl", "summary.json", "k=1.json", "plot.png"} <= names
+    assert {"report.md", "report.html", "results.json"} <= names
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(file_mode) for f in files}
+    assert oct(reference.stat().st_mode & 0o777) == oct(file_mode)
+    assert all(d.stat().st_mode & 0o777 == 0o777 & ~umask for d in dirs)
+
+
+def test_atomic_replace_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"v": 1})
+    target.chmod(0o640)
+    atomic_write_json(target, {"v": 2})
+    assert read_json(target) == {"v": 2} and target.stat().st_mode & 0o777 == 0o640

@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 import yaml
 
 from robustlab.errors import UserError
+from robustlab.paths import check_output_dir
 
 T = TypeVar("T")
 
@@ -60,13 +62,40 @@ PACKAGES = (
 # --------------------------------------------------------------------------- atomic writes
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux exposes it (``/proc/self/status``);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_write_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` would leave: an existing file keeps its mode, a new one gets
+    0o666 minus the umask (0o644 under the usual 022). ``mkstemp`` alone would leave 0o600."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename; the file gets
+    the permissions a plain write would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _normal_write_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -238,10 +267,8 @@ class RunDir:
         resume_keys: Iterable[str] | None = None,
         overwrite: bool = False,
     ) -> RunDir:
-        path = Path(path)
+        path = check_output_dir(path)
         config = to_jsonable(config)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"output path {path} is a file", "pass a folder path to --out")
         run = cls(path)
         if overwrite and path.exists():
             import shutil
