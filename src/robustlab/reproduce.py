@@ -21,6 +21,7 @@ from pathlib import Path
 
 from robustlab import __version__
 from robustlab.errors import UserError
+from robustlab.paths import check_output_dir
 from robustlab.report import Report, Section
 from robustlab.runs import environment_info, git_commit
 
@@ -79,9 +80,7 @@ def run_reproduce(
     if scale not in SCALES:
         raise UserError(f"unknown scale {scale!r}", "use --quick or --full")
     systems = list(systems) if systems is not None else list(SYSTEMS)
-    out_dir = Path(out) if out else Path("runs") / "reproduce" / time.strftime("%Y%m%d-%H%M%S")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file", "pass a folder")
+    out_dir = check_output_dir(out if out else Path("runs") / "reproduce" / time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     env = environment_info(seed)
