@@ -30,8 +30,6 @@ _PYTHONWARNINGS = ",".join(f"ignore::{c.__name__}" for c in QUIET_CATEGORIES)
 # stopped at the end of a run (which is how every simulation ends).
 _FLOWER_NOISE = ("DEPRECATED FEATURE", "FEATURE UPDATE", "Manually terminating")
 
-_verbose = False
-
 
 class _DropFlowerNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -44,13 +42,12 @@ _FLOWER_FILTER = _DropFlowerNoise()
 def quiet_upstream(verbose: bool = False) -> None:
     """Hide upstream deprecation/future warnings and Flower's banners, or (``verbose``) show everything.
 
-    Child processes inherit the choice through ``PYTHONWARNINGS`` (spawned workers, Ray's workers) and
-    ``ROBUSTLAB_VERBOSE``."""
-    global _verbose
-    _verbose = verbose
+    Worker processes inherit the choice: ``PYTHONWARNINGS`` carries the warning filters into every Python
+    child (spawned workers, Ray's workers), and ``ROBUSTLAB_QUIET=1`` makes ``import robustlab`` there
+    install the Flower log filter too (Ray's actors log Flower's end-of-run warning themselves)."""
     flwr_logger = logging.getLogger("flwr")
     if verbose:
-        os.environ["ROBUSTLAB_VERBOSE"] = "1"
+        os.environ.pop("ROBUSTLAB_QUIET", None)
         if os.environ.get("PYTHONWARNINGS") == _PYTHONWARNINGS:
             del os.environ["PYTHONWARNINGS"]
         for category in QUIET_CATEGORIES:
@@ -60,12 +57,9 @@ def quiet_upstream(verbose: bool = False) -> None:
     for category in QUIET_CATEGORIES:
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("PYTHONWARNINGS", _PYTHONWARNINGS)
+    os.environ["ROBUSTLAB_QUIET"] = "1"
     if _FLOWER_FILTER not in flwr_logger.filters:
         flwr_logger.addFilter(_FLOWER_FILTER)
-
-
-def is_verbose() -> bool:
-    return _verbose or os.environ.get("ROBUSTLAB_VERBOSE") == "1"
 
 
 def _format_seconds(seconds: float) -> str:
@@ -78,14 +72,20 @@ class Stages:
 
     On a terminal (``stream.isatty()``): a transient rich bar with the last finished stage, a count,
     elapsed time and an estimate of the time left. Otherwise: one line per finished stage,
-    ``<label>: <stage> (<done>/<total>, <elapsed> elapsed)``. ``advance()`` counts without a line
-    (for many small steps inside a stage)."""
+    ``<label>: <stage> (<done>/<total> <unit>, <elapsed> elapsed)``. ``advance()`` counts without a
+    line (for many small steps inside a stage)."""
 
     def __init__(
-        self, label: str, total: int | None = None, stream: TextIO | None = None, live: bool | None = None
+        self,
+        label: str,
+        total: int | None = None,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+        unit: str = "",
     ) -> None:
         self.label = label
         self.total = total
+        self.unit = f" {unit}" if unit else ""
         self.done = 0
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
@@ -143,17 +143,12 @@ class Stages:
             if self._progress is not None:
                 self._progress.update(self._task, advance=advance, last=name)
                 return
-            count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+            count = (f"{self.done}/{self.total}" if self.total else f"{self.done}") + self.unit
             print(
                 f"{self.label}: {name} ({count}, {_format_seconds(self.elapsed())} elapsed)",
                 file=self.stream,
                 flush=True,
             )
-
-
-def stages(label: str, total: int | None = None, stream: TextIO | None = None) -> Stages:
-    """``with stages("fedld", total=12) as st: ... st.stage("fedavg seed 0 done")``."""
-    return Stages(label, total, stream)
 
 
 def watch_run(
@@ -163,7 +158,8 @@ def watch_run(
     interval: float = 1.0,
 ) -> contextlib.AbstractContextManager[None]:
     """While the ``with`` block runs, read rows appended to ``folder/metrics.jsonl`` (by any process) and
-    report them: ``describe(row)`` returns ``(stage name or None, how many units it completes)``."""
+    report them: ``describe(row)`` returns ``(stage name or None, how many units it completes)``. Rows
+    already there (a resumed run) count towards the total without a line."""
     return _Watcher(Path(folder) / "metrics.jsonl", st, describe, interval)
 
 
@@ -171,7 +167,10 @@ class _Watcher:
     def __init__(self, path: Path, st: Stages, describe: Callable, interval: float) -> None:
         self.path, self.st, self.describe, self.interval = path, st, describe, interval
         self._stop = threading.Event()
-        self._offset = path.stat().st_size if path.exists() else 0
+        self._offset = 0
+        self._replay = True
+        self._poll()
+        self._replay = False
         self._thread = threading.Thread(target=self._loop, name="robustlab-watch", daemon=True)
 
     def __enter__(self) -> None:
@@ -201,7 +200,7 @@ class _Watcher:
             except json.JSONDecodeError:
                 continue
             name, units = self.describe(row)
-            if name:
+            if name and not self._replay:
                 self.st.stage(name, units)
             elif units:
                 self.st.advance(units)
