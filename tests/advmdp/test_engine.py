@@ -1,9 +1,5 @@
-"""The vectorised engine against independent implementations: the per-state Python-loop reference
-(benchmarks/advmdp_speed.py), exact DP for the uniform policy and for full-information PO, and the
-simulator mode against the oracle mode."""
-
-import importlib.util
-from pathlib import Path
+"""The engine against independent truth: exact DP for the uniform policy and for full-information PO, and
+the simulator mode against the oracle mode (the backends against the readable path: test_backends.py)."""
 
 import numpy as np
 import pytest
@@ -15,15 +11,6 @@ from robustlab.advmdp.losses import make_losses
 from robustlab.advmdp.mdp import LinearMDP
 from robustlab.errors import UserError
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "advmdp_speed.py"
-
-
-def load_reference():
-    spec = importlib.util.spec_from_file_location("advmdp_speed", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.loop_reference
-
 
 @pytest.fixture(scope="module")
 def small():
@@ -31,19 +18,14 @@ def small():
     return mdp, make_losses("stochastic", mdp, 200, seed=3)
 
 
-@pytest.mark.parametrize("name", ["alg1", "alg2", "alg2clip", "luo21", "fullinfo", "expweights", "uniform"])
-def test_engine_matches_per_state_loop_reference(small, name):
+@pytest.mark.parametrize("name", ["alg1", "alg2", "luo21"])
+def test_batching_does_not_change_a_seeds_result(small, name):
     mdp, losses = small
     spec = get_spec(name)
     params = spec.params(2000, mdp.H, mdp.dim, mdp.n_actions)
-    K = 25
-    ref_total, _ = load_reference()(mdp, losses.theta, spec, params, K, seed=4)
-    res = run_algorithm(mdp, losses, spec, params, K, [4, 5])
-    comp = exact.comparator_value(mdp, losses.theta[:K].sum(0))
-    assert res.regret[0] == pytest.approx(ref_total - comp, rel=1e-6, abs=1e-6)
-    # batching does not change a seed's result
-    alone = run_algorithm(mdp, losses, spec, params, K, [5])
-    assert alone.regret[0] == pytest.approx(res.regret[1], rel=1e-9, abs=1e-9)
+    both = run_algorithm(mdp, losses, spec, params, 25, [4, 5], backend="numpy")
+    alone = run_algorithm(mdp, losses, spec, params, 25, [5], backend="numpy")
+    assert alone.regret[0] == pytest.approx(both.regret[1], rel=1e-9, abs=1e-9)
 
 
 def test_uniform_regret_is_exact(small):

@@ -52,6 +52,7 @@ def regret(
     constants: str = typer.Option(None, help="Override constants: NAME=c_eta:c_beta,..."),
     gamma: float = typer.Option(None, help="Override every schedule's gamma (must be > 0)."),
     workers: int = typer.Option(1, help="Worker processes (cells run in parallel)."),
+    backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]; same numbers."),
     out: Path = typer.Option(None, help="Run folder [default: runs/advmdp/regret-<instance>-<losses>]."),
 ) -> None:
     """Regret of each algorithm on a K grid x seeds; resumable per cell; writes summary.json and regret.png."""
@@ -70,6 +71,7 @@ def regret(
         constants=_parse_constants(constants),
         gamma=gamma,
         workers=workers,
+        backend=backend,
     )
     validate(cfg)  # every check before the run folder exists
     target = out or Path("runs") / "advmdp" / f"regret-{Path(instance).stem}-{Path(losses).stem}"

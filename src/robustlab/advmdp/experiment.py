@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from robustlab.advmdp.algorithms import ALGORITHM_NAMES, MODES, get_spec, run_algorithm, with_constants
-from robustlab.advmdp.algorithms.specs import FROZEN_CONSTANTS
+from robustlab.advmdp.algorithms.engine import resolve_backend
+from robustlab.advmdp.algorithms.specs import FROZEN_CONSTANTS, base_name
 from robustlab.advmdp.losses import LOSS_SEQUENCES, LossSequence, make_losses
 from robustlab.advmdp.mdp import LinearMDP
 from robustlab.errors import UserError
@@ -86,6 +87,7 @@ class RegretConfig:
     constants: dict[str, list[float]] = field(default_factory=dict)  # name -> [c_eta, c_beta]
     gamma: float | None = None  # overrides every schedule's gamma when given
     workers: int = 1
+    backend: str | None = None  # numpy | numba; None: numba when installed (same numbers either way)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -116,6 +118,8 @@ def validate(cfg: RegretConfig) -> tuple[LinearMDP, LossSequence]:
         raise UserError(f"--seeds must be >= 1, got {cfg.seeds}", "pass --seeds 10")
     if cfg.workers < 1:
         raise UserError(f"--workers must be >= 1, got {cfg.workers}", "pass --workers 2")
+    if cfg.backend is not None:
+        resolve_backend(cfg.backend)
     if cfg.mode not in MODES:
         raise UserError(f"unknown mode {cfg.mode!r}", f"choose from {', '.join(MODES)}")
     if cfg.gamma is not None and (not math.isfinite(cfg.gamma) or cfg.gamma <= 0):
@@ -136,7 +140,8 @@ def validate(cfg: RegretConfig) -> tuple[LinearMDP, LossSequence]:
 
 def algorithm_params(cfg: RegretConfig, name: str, K: int, mdp: LinearMDP):
     spec = get_spec(name)
-    c = cfg.constants.get(name) or FROZEN_CONSTANTS.get(name)
+    base = base_name(name)  # a control shares its bandit algorithm's constants, hence its eta
+    c = cfg.constants.get(name) or cfg.constants.get(base) or FROZEN_CONSTANTS.get(base)
     if c is not None:
         spec = with_constants(spec, *c)
     params = spec.params(K, mdp.H, mdp.dim, mdp.n_actions)
@@ -169,7 +174,7 @@ def run_cell(cfg_dict: dict, name: str, K: int) -> dict:
         out["c_eta"], out["c_beta"] = a3.c_eta, a3.c_beta
         return out
     spec, params = algorithm_params(cfg, name, K, mdp)
-    res = run_algorithm(mdp, losses, spec, params, K, seeds, mode=cfg.mode)
+    res = run_algorithm(mdp, losses, spec, params, K, seeds, mode=cfg.mode, backend=cfg.backend)
     out = res.to_json()
     out["c_eta"], out["c_beta"] = spec.c_eta, spec.c_beta
     return out
@@ -302,7 +307,7 @@ def run_regret(cfg: RegretConfig, out: str | Path, echo: Callable[[str], None] =
 
     mdp, _ = validate(cfg)
     config = asdict(cfg)
-    keys = [k for k in config if k != "workers"]
+    keys = [k for k in config if k not in ("workers", "backend")]  # neither changes a number
     run = RunDir.open(out, config, seed=cfg.seed, resume_keys=keys)
     todo = [(a, k) for a in cfg.algorithms for k in cfg.K if not run.is_done(cell_key(algorithm=a, K=k))]
     # small K first: an interrupted sweep still holds every algorithm's smaller-K cells

@@ -36,6 +36,7 @@ from robustlab.advmdp.mdp import LinearMDP
 from robustlab.errors import UserError
 
 MODES = ("oracle", "simulator")
+BACKENDS = ("numpy", "numba")
 
 
 @dataclass
@@ -91,8 +92,6 @@ class _Model:
         self.PhiFT = np.ascontiguousarray(self.PhiF.transpose(0, 2, 1))
         self.PhiPhi = np.einsum("hki,hkj->hkij", self.PhiF, self.PhiF).reshape(H, n * A, d * d)
         self.PhiPhiT = np.ascontiguousarray(self.PhiPhi.transpose(0, 2, 1))  # (H, d*d, nA)
-        self.PhiF32 = self.PhiF.astype(np.float32)
-        self.PhiFT32 = self.PhiFT.astype(np.float32)
         self.mu = mdp.mu
         self.muT = np.ascontiguousarray(mdp.mu.transpose(0, 2, 1))  # (H-1, n, d)
         self.Pcum = np.cumsum(mdp.P, axis=-1)
@@ -138,11 +137,14 @@ def run_algorithm(
     mode: str = "oracle",
     checkpoints: Sequence[int] | None = None,
     block: int = 1024,
+    backend: str | None = None,
 ) -> RunResult:
-    """Run ``spec`` for K episodes on every learner seed in ``seeds`` (batched).
+    """Run ``spec`` for K episodes on every learner seed in ``seeds``.
 
     ``params`` is one :class:`Params` for all seeds, or one per seed (so that a parameter grid runs as a
-    single batch, as the constant-selection pilot does)."""
+    single batch, as the constant-selection pilot does). ``backend``: ``numpy`` (all seeds batched in
+    array calls) or ``numba`` (a compiled loop per seed, :mod:`.fast`); default: numba when installed.
+    Both give the same numbers (rtol 1e-9); simulator mode always runs on NumPy."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserError("no seeds given", "pass at least one seed")
@@ -151,6 +153,9 @@ def run_algorithm(
         raise UserError(f"{len(params)} parameter sets for {len(seeds)} seeds", "give one per seed")
     for p in params:
         _validate(spec, p, mode, K, mdp, losses)
+    backend = resolve_backend(backend)
+    if mode == "oracle" and backend == "numba":
+        return _run_fast(mdp, losses, spec, params, K, seeds, checkpoints)
     if mode == "simulator":
         # Simulator mode advances one seed at a time (its rollouts are per seed anyway).
         parts = [
@@ -175,6 +180,77 @@ def run_algorithm(
     return _run_batch(mdp, losses, spec, params, K, seeds, mode, checkpoints, block)
 
 
+def _run_fast(
+    mdp: LinearMDP,
+    losses: LossSequence,
+    spec: AlgorithmSpec,
+    params: list[Params],
+    K: int,
+    seeds: list[int],
+    checkpoints: Sequence[int] | None,
+) -> RunResult:
+    from robustlab.advmdp.algorithms.fast import run_fast
+
+    ckpts = _checkpoints(K, checkpoints)
+    parts, seconds = run_fast(mdp, losses, spec, params, K, seeds, ckpts)
+    B = len(seeds)
+    curve_learner = np.stack([p[2] for p in parts], axis=1)  # (len(ckpts), B)
+    if losses.adaptive:
+        comp = np.array(
+            [[comparator_value(mdp, parts[b][3][i]) for b in range(B)] for i in range(len(ckpts))]
+        )
+    else:
+        comp = _oblivious_comparators(mdp, losses, ckpts, B)
+    curve = curve_learner - comp
+    real = np.array([p[1] for p in parts])
+    zeros = np.zeros(B, dtype=int)
+    return RunResult(
+        spec.name,
+        K,
+        seeds,
+        params,
+        "oracle",
+        curve[-1].copy(),
+        real - comp[-1],
+        ckpts,
+        curve,
+        zeros,
+        zeros.copy(),
+        seconds,
+        extra={"backend": "numba"},
+    )
+
+
+def _checkpoints(K: int, checkpoints: Sequence[int] | None) -> list[int]:
+    return sorted({int(c) for c in (checkpoints or default_checkpoints(K)) if 1 <= int(c) <= K} | {K})
+
+
+def _oblivious_comparators(mdp: LinearMDP, losses: LossSequence, ckpts: list[int], B: int) -> np.ndarray:
+    """min_pi sum_{k <= c} V^pi_k(s_1) at every checkpoint c, broadcast to ``(len(ckpts), B)``."""
+    csum = np.cumsum(losses.theta[: ckpts[-1]], axis=0)
+    comp = np.array([comparator_value(mdp, csum[c - 1]) for c in ckpts])[:, None]
+    return np.broadcast_to(comp, (len(ckpts), B))
+
+
+def resolve_backend(backend: str | None) -> str:
+    """``None`` -> ``numba`` when it is importable, else ``numpy``; anything else must be one of BACKENDS."""
+    if backend is None:
+        return "numba" if numba_available() else "numpy"
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}", f"choose from {', '.join(BACKENDS)}")
+    if backend == "numba" and not numba_available():
+        raise UserError(
+            "the numba backend needs numba", "pip install 'robustlab[advmdp]' or use --backend numpy"
+        )
+    return backend
+
+
+def numba_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
 def _run_batch(
     mdp: LinearMDP,
     losses: LossSequence,
@@ -189,7 +265,7 @@ def _run_batch(
     t0 = time.perf_counter()
     m = _Model(mdp)
     H, n, A, d, nA, B = m.H, m.n, m.A, m.d, m.nA, len(seeds)
-    ckpts = sorted({int(c) for c in (checkpoints or default_checkpoints(K)) if 1 <= int(c) <= K} | {K})
+    ckpts = _checkpoints(K, checkpoints)
     traj_rngs = [np.random.default_rng([s, 1]) for s in seeds]
     sims = [Simulator(mdp, np.random.default_rng([s, 2])) for s in seeds] if mode == "simulator" else []
 
@@ -219,8 +295,8 @@ def _run_batch(
     U = None
     t_lb = None
     if spec.estimator == "mr_unbiased" and mode == "oracle":
-        G_buf = np.empty((B * nA, nA), dtype=np.float32)
-        absw = np.empty((H, B, nA, 1), dtype=np.float32)
+        G_buf = np.empty((B * nA, nA))
+        absw = np.empty((H, B, nA, 1))
 
     for k in range(K):
         j = k % block
@@ -268,7 +344,8 @@ def _run_batch(
 
         if ckpts[ci] == k + 1:
             curve_learner[ci] = exp_loss
-            curve_theta[ci] = theta_sum if losses.adaptive else losses.theta[: k + 1].sum(0)
+            if losses.adaptive:
+                curve_theta[ci] = theta_sum
             ci += 1
             if ci == len(ckpts):
                 ci -= 1
@@ -298,14 +375,14 @@ def _run_batch(
         if spec.estimator == "mr_unbiased":
             if mode == "oracle":
                 # E_{(s',a') ~ pi_k}[(phi^T Sp phi')_-] = (E|G| - E G) / 2 with the Gram matrix
-                # G = Phi Sp Phi^T (nA x nA per layer and seed), computed in float32 (relative error ~1e-7).
+                # G = Phi Sp Phi^T (nA x nA per layer and seed), in float64 (the backends agree to 1e-9).
                 # One layer at a time, so that G (B*nA x nA) stays in cache between the three passes.
-                M1 = np.matmul(m.PhiF32[:, None], Sp.astype(np.float32))  # (H, B, nA, d)
-                wq32 = wq.reshape(H, B, nA, 1).astype(np.float32)
+                M1 = np.matmul(m.PhiF[:, None], Sp)  # (H, B, nA, d)
+                wq64 = wq.reshape(H, B, nA, 1)
                 for h in range(H):
-                    np.matmul(M1[h].reshape(B * nA, d), m.PhiFT32[h], out=G_buf)
+                    np.matmul(M1[h].reshape(B * nA, d), m.PhiFT[h], out=G_buf)
                     np.abs(G_buf, out=G_buf)
-                    np.matmul(G_buf.reshape(B, nA, nA), wq32[h], out=absw[h])
+                    np.matmul(G_buf.reshape(B, nA, nA), wq64[h], out=absw[h])
                 signed = np.matmul(np.matmul(Sp, phibar[..., None])[..., 0], m.PhiFT)  # phi^T Sp phibar
                 Eneg = 0.5 * (absw[..., 0] - signed)
             else:
@@ -341,8 +418,7 @@ def _run_batch(
             [[comparator_value(mdp, curve_theta[i, b]) for b in range(B)] for i in range(len(ckpts))]
         )
     else:
-        comp = np.array([comparator_value(mdp, curve_theta[i, 0]) for i in range(len(ckpts))])[:, None]
-        comp = np.broadcast_to(comp, (len(ckpts), B))
+        comp = _oblivious_comparators(mdp, losses, ckpts, B)
     curve = curve_learner - comp
     return RunResult(
         spec.name,
@@ -357,6 +433,7 @@ def _run_batch(
         np.array([sim.calls for sim in sims] if sims else [0] * B),
         np.array([sim.rollouts for sim in sims] if sims else [0] * B),
         time.perf_counter() - t0,
+        extra={"backend": "numpy"},
     )
 
 

@@ -222,6 +222,33 @@ ALGORITHMS = {
     k: replace(v, c_eta=FROZEN_CONSTANTS[k][0], c_beta=FROZEN_CONSTANTS[k][1]) if k in FROZEN_CONSTANTS else v
     for k, v in ALGORITHMS.items()
 }
+
+CONTROL_SUFFIX = "_control"
+CONTROLLED = ("alg1", "alg2", "luo21")
+
+
+def control_of(spec: AlgorithmSpec) -> AlgorithmSpec:
+    """The eta-matched full-information control of a bandit algorithm: the same regulariser, the same
+    schedule and constants (so the same eta_K), fed the exact Q^{pi_k}_k instead of an estimator, with no
+    bonus. R_bandit - R_control is then what the bandit feedback (estimator variance, gamma-bias, bonus)
+    costs at that eta, separated from the learning-rate burn-in both share."""
+    return replace(
+        spec,
+        name=spec.name + CONTROL_SUFFIX,
+        title=f"eta-matched full-information control of {spec.name}",
+        estimator="exact_q",
+        bonus=False,
+        sim_covariance="none",
+        rate="(control)",
+    )
+
+
+def base_name(name: str) -> str:
+    """``alg2_control`` -> ``alg2`` (the algorithm whose constants a control shares); others unchanged."""
+    return name[: -len(CONTROL_SUFFIX)] if name.endswith(CONTROL_SUFFIX) else name
+
+
+ALGORITHMS.update({a + CONTROL_SUFFIX: control_of(ALGORITHMS[a]) for a in CONTROLLED})
 ALGORITHM_NAMES = (*ALGORITHMS, "alg3")
 
 
