@@ -74,6 +74,33 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def mean_pm(mean: float | None, spread: float | None, n: int | None, digits: int = 3) -> str:
+    """``mean ± spread`` for a table cell. With fewer than two seeds there is no spread to show (a
+    "± 0.000" would read as a measured zero), so the cell is the mean alone; say "1 seed" nearby."""
+    if mean is None or mean != mean:
+        return "—"
+    if n is None or n < 2 or spread is None or spread != spread:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def _short_number(x: float) -> str:
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale and (x / scale) == int(x / scale):
+            return f"{int(x / scale)}{suffix}"
+    return f"{x:g}"
+
+
+def label_log_axis(axis: Any, values: Any) -> None:
+    """Ticks of a log-scaled axis exactly at ``values`` (e.g. the K grid), labelled 300, 1k, 30k, 1M,
+    without matplotlib's minor-tick labels, which overlap when the axis spans about a decade."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: _short_number(x)))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
 

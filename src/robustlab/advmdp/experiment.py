@@ -237,7 +237,7 @@ def summarise(cells: dict[int, dict], rng: np.random.Generator, reps: int = 2000
 
 
 def plot_regret(summary: dict, path: Path, title: str = "") -> Path:
-    from robustlab.report import pyplot, save_figure
+    from robustlab.report import label_log_axis, pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -266,6 +266,8 @@ def plot_regret(summary: dict, path: Path, title: str = "") -> Path:
     ax.set_ylabel("expected regret (mean, 95% CI)")
     ax.legend(fontsize=7)
     ax2.set_xscale("log")
+    for a in (ax, ax2):
+        label_log_axis(a.xaxis, allK)
     ax2.set_xlabel("K (episodes)")
     ax2.set_ylabel("regret per episode")
     fig.suptitle(title, fontsize=9)

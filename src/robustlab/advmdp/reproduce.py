@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from robustlab.advmdp.experiment import RegretConfig, format_table, run_regret, table_rows
+from robustlab.console import Stages
 from robustlab.report import Section
 
 FULL_K = [1000, 3000, 10000, 30000, 100000]
@@ -57,8 +58,17 @@ def simulator_check(out: Path, instance: str, K: int, seeds: int, algorithms: li
     return {"rows": rows, "agree": agree}
 
 
+def _slopes(summary: dict) -> str:
+    return ", ".join(f"{a} {s['slope']:.2f}" for a, s in summary["algorithms"].items())
+
+
 def reproduce(scale: str, out: Path, seed: int) -> Section:
-    out = Path(out)
+    parts = (2 if scale == "full" else 1) + 1 + (scale == "full")  # regret per loss sequence, lock, check
+    with Stages("advmdp", parts, unit="parts") as progress:
+        return _reproduce(scale, Path(out), seed, progress)
+
+
+def _reproduce(scale: str, out: Path, seed: int, progress: Stages) -> Section:
     workers = max(1, min(2, os.cpu_count() or 1))
     full = scale == "full"
     section = Section(
@@ -90,6 +100,7 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
         )
         folder = out / f"regret-{cfg.instance}-{ln}"
         summary = run_regret(cfg, folder, echo=lambda _m: None)
+        progress.stage(f"regret, {ln} losses: slopes " + _slopes(summary))
         cols, rows = table_rows(summary)
         section.table(f"Regret and log-log slope, {ln} losses", cols, rows, note=summary["slope_fit"])
         section.figure(f"Regret vs K, {ln} losses", folder / "regret.png")
@@ -109,6 +120,7 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
             workers=workers,
         )
         lock = run_regret(lock_cfg, out / "regret-lock", echo=lambda _m: None)
+        progress.stage("combination lock: slopes " + _slopes(lock))
         cols, rows = table_rows(lock)
         per_ep = {a: s["regret_per_episode"] for a, s in lock["algorithms"].items()}
         section.table("Combination lock (H=6, A=4): regret and slope", cols, rows)
@@ -123,6 +135,7 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
     chk = simulator_check(
         out, "small", 200 if not full else 300, 4 if not full else 6, ["alg2", "luo21"], seed
     )
+    progress.stage("simulator vs oracle check: " + ("agree" if all(chk["agree"].values()) else "DISAGREE"))
     section.table(
         "Simulator mode vs exact-oracle mode (small instance)",
         [

@@ -575,9 +575,9 @@ def summarize(run: RunDir, cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _pm(stat: dict[str, Any], digits: int = 3) -> str:
-    if stat.get("mean") is None:
-        return "—"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    from robustlab.report import mean_pm
+
+    return mean_pm(stat.get("mean"), stat.get("std"), stat.get("n"), digits)
 
 
 def summary_table(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

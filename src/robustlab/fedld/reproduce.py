@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from robustlab.console import Stages, watch_run
 from robustlab.paths import shared_data_dir
 from robustlab.report import Section
 
@@ -48,6 +49,23 @@ def plan(scale: str, seed: int) -> list[tuple[str, float, list[str], int, int]]:
     return runs
 
 
+def _seed_range(first: int, n: int) -> str:
+    return f"{first} (1 seed)" if n == 1 else f"{first}..{first + n - 1} ({n} seeds)"
+
+
+def _round_progress(label: str, rounds: int):
+    """Progress from the rows ``metrics.jsonl`` gets each round: a line per finished (method, seed)."""
+
+    def describe(row: dict[str, Any]) -> tuple[str | None, int]:
+        r = row.get("round") or 0  # round 0 evaluates the initial model
+        if r != rounds:
+            return None, int(r > 0)
+        acc = f"val acc {row['val_accuracy']:.3f}, test acc {row['test_accuracy']:.3f}"
+        return f"{label}: {row['method']} seed {row['seed']} done ({acc})", 1
+
+    return describe
+
+
 def reproduce(scale: str, out: Path, seed: int) -> Section:
     from robustlab.fedld.experiment import ExperimentConfig, run_experiment, summary_table
 
@@ -61,30 +79,35 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
             "clients": 5,
             "betas": sorted({r[1] for r in runs}, reverse=True),
             "rounds": runs[0][4],
-            "seeds": f"{seed}..{seed + max(r[3] for r in runs) - 1}",
+            "seeds": _seed_range(seed, max(r[3] for r in runs)),
             "local training": "SGD lr 0.01, momentum 0.5, wd 5e-4, batch 50, 1 epoch; FedLD λ=0.1, k=0.8",
             "engine": "Flower simulation (Ray), one ServerApp + 5 ClientApps",
         },
     )
     results: dict[str, Any] = {}
     tables: dict[tuple[str, float], Any] = {}
-    for dataset, beta, methods, seeds, rounds in runs:
-        folder = Path(out) / f"{dataset}_beta{beta:g}"
-        cfg = ExperimentConfig(
-            dataset=dataset,
-            data_dir=data_dir if dataset != "digits" else None,
-            clients=5,
-            beta=beta,
-            methods=methods,
-            rounds=rounds,
-            seeds=seeds,
-            first_seed=seed,
-        )
-        summary = run_experiment(cfg, folder, echo=lambda _m: None)
-        tables[(dataset, beta)] = (summary, folder)
+    progress = Stages("fedld", sum(len(r[2]) * r[3] * r[4] for r in runs), unit="rounds")
+    with progress:
+        for dataset, beta, methods, seeds, rounds in runs:
+            folder = Path(out) / f"{dataset}_beta{beta:g}"
+            cfg = ExperimentConfig(
+                dataset=dataset,
+                data_dir=data_dir if dataset != "digits" else None,
+                clients=5,
+                beta=beta,
+                methods=methods,
+                rounds=rounds,
+                seeds=seeds,
+                first_seed=seed,
+            )
+            with watch_run(folder, progress, _round_progress(f"{dataset} beta={beta:g}", rounds)):
+                summary = run_experiment(cfg, folder, echo=lambda _m: None)
+            tables[(dataset, beta)] = (summary, folder)
     for (dataset, beta), (summary, folder) in tables.items():
         cols, rows = summary_table(summary)
-        section.table(f"{dataset}, beta={beta:g}", cols, rows, note="mean ± std over seeds")
+        n_seeds = max(len(m["seeds"]) for m in summary["methods"].values())
+        note = "mean ± std over seeds" if n_seeds > 1 else "1 seed: means only, no spread"
+        section.table(f"{dataset}, beta={beta:g}", cols, rows, note=note)
         if (folder / "accuracy.png").is_file():
             section.figure(f"{dataset}, beta={beta:g}: test accuracy vs round", folder / "accuracy.png")
         if (folder / "label_histogram.png").is_file() and beta == min(b for (d, b) in tables if d == dataset):
