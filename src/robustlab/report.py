@@ -26,6 +26,17 @@ class Table:
 
 
 @dataclass
+class Link:
+    """A table cell that links elsewhere (``href`` an anchor such as ``#fedld`` or a URL)."""
+
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
 class Figure:
     title: str
     path: Path
@@ -84,7 +95,7 @@ def mean_pm(mean: float | None, spread: float | None, n: int | None, digits: int
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def _short_number(x: float) -> str:
+def short_number(x: float) -> str:
     for scale, suffix in ((1e6, "M"), (1e3, "k")):
         if abs(x) >= scale and (x / scale) == int(x / scale):
             return f"{int(x / scale)}{suffix}"
@@ -97,7 +108,7 @@ def label_log_axis(axis: Any, values: Any) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
-    axis.set_major_formatter(FuncFormatter(lambda x, _pos: _short_number(x)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: short_number(x)))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -107,11 +118,18 @@ def _slug(text: str) -> str:
 
 def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
-        return fmt(v).replace("|", "\\|").replace("\n", " ")
+        text = fmt(v).replace("|", "\\|").replace("\n", " ")
+        return f"[{text}]({v.href})" if isinstance(v, Link) else text
 
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _html_cell(value: Any) -> str:
+    if isinstance(value, Link):
+        return f'<td><a href="{html.escape(value.href)}">{html.escape(value.text)}</a></td>'
+    return f"<td>{html.escape(fmt(value))}</td>"
 
 
 class Report:
@@ -119,6 +137,29 @@ class Report:
         self.title = title
         self.settings = dict(settings or {})
         self.sections: list[Section] = []
+        self.claims: list[Any] = []  # robustlab.claims.Claim rows: the report's first section
+        self.claim_problems: dict[str, str] = {}
+
+    CLAIMS_TITLE = "Claims at a glance"
+
+    def _claim_rows(self) -> list[list[Any]]:
+        from robustlab.claims import rows
+
+        anchors = {s.name: "#" + _slug(s.title or s.name) for s in self.sections}
+        return rows(self.claims, anchors.get)
+
+    def _claim_notes(self) -> list[str]:
+        from robustlab.claims import PAPERS
+
+        notes = [
+            "Ours: each system's committed results (results/<system>/) where it has them, else this run; "
+            "the scale is given with every number. Each verdict follows from the numbers by a stated rule:"
+        ]
+        notes += [
+            f"{PAPERS.get(c.system, c.system)}, {c.claim}: {c.rule} (from {c.source})" for c in self.claims
+        ]
+        notes += [f"{s}: claims unavailable ({why})" for s, why in self.claim_problems.items()]
+        return notes
 
     def add(self, section: Section) -> Section:
         self.sections.append(section)
@@ -128,6 +169,11 @@ class Report:
     def to_markdown(self, figure_dir: str = "figures") -> str:
         out = [f"# {self.title}", ""]
         out += [f"- **{k}**: {fmt(v)}" for k, v in self.settings.items()]
+        if self.claims or self.claim_problems:
+            from robustlab.claims import COLUMNS
+
+            out += ["", f"## {self.CLAIMS_TITLE}", "", markdown_table(COLUMNS, self._claim_rows()), ""]
+            out += [self._claim_notes()[0], ""] + [f"- {n}" for n in self._claim_notes()[1:]]
         out += ["", "## Contents", ""]
         for s in self.sections:
             out.append(f"- [{s.title or s.name}](#{_slug(s.title or s.name)}) — {s.status}")
@@ -158,7 +204,9 @@ class Report:
             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.25em .6em;"
             "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
-            ".status{font-weight:bold}pre{white-space:pre-wrap}</style></head><body>",
+            ".status{font-weight:bold}pre{white-space:pre-wrap}table.claims td{text-align:left}"
+            ".verdict{font-weight:bold;white-space:nowrap}.reproduced{background:#d9f2d9}"
+            ".not-reproduced{background:#f8d7d7}.not-testable-at-this-scale{background:#eee}</style></head><body>",
             f"<h1>{e(self.title)}</h1>",
         ]
         if self.settings:
@@ -167,6 +215,23 @@ class Report:
                 + "".join(f"<li><b>{e(k)}</b>: {e(fmt(v))}</li>" for k, v in self.settings.items())
                 + "</ul>"
             )
+        if self.claims or self.claim_problems:
+            from robustlab.claims import COLUMNS
+
+            parts.append(
+                f'<h2 id="{_slug(self.CLAIMS_TITLE)}">{e(self.CLAIMS_TITLE)}</h2><table class="claims">'
+            )
+            parts.append(
+                "<thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in COLUMNS) + "</tr></thead><tbody>"
+            )
+            for r in self._claim_rows():
+                cells = [_html_cell(v) for v in r[:-1]]
+                cells.append(f'<td class="verdict {_slug(r[-1])}">{e(r[-1])}</td>')
+                parts.append("<tr>" + "".join(cells) + "</tr>")
+            notes = self._claim_notes()
+            parts.append(f"</tbody></table><p>{e(notes[0])}</p><ul>")
+            parts += [f"<li>{e(n)}</li>" for n in notes[1:]]
+            parts.append("</ul>")
         parts.append('<h2 id="contents">Contents</h2><ul>')
         for s in self.sections:
             name = s.title or s.name
@@ -198,7 +263,7 @@ class Report:
                         + "".join(f"<th>{e(fmt(c))}</th>" for c in b.columns)
                         + "</tr></thead><tbody>"
                     )
-                    parts += ["<tr>" + "".join(f"<td>{e(fmt(v))}</td>" for v in r) + "</tr>" for r in b.rows]
+                    parts += ["<tr>" + "".join(_html_cell(v) for v in r) + "</tr>" for r in b.rows]
                     parts.append("</tbody></table>")
                     if b.note:
                         parts.append(f"<p>{e(b.note)}</p>")
@@ -216,9 +281,13 @@ class Report:
         return "\n".join(parts) + "\n"
 
     def results(self) -> dict[str, Any]:
+        from robustlab.claims import as_dicts
+
         return {
             "title": self.title,
             "settings": to_jsonable(self.settings),
+            "claims": as_dicts(self.claims),
+            "claim_problems": dict(self.claim_problems),
             "sections": {
                 s.name: {
                     "status": s.status,

@@ -6,7 +6,9 @@ A system registers its experiment by providing ``robustlab/<system>/reproduce.py
 
 ``scale`` is ``"quick"`` (laptop scale, minutes) or ``"full"``; ``out`` is that system's own folder inside
 the report folder (its run folders and PNG figures go there, so a rerun with the same ``--out`` resumes).
-A system whose module is absent is listed as not available; nothing stands in for it.
+A system whose module is absent is listed as not available; nothing stands in for it. The module may also
+define ``claims(run)`` (see :mod:`robustlab.claims`): the report then opens with the papers' headline
+claims, ours and a verdict for each.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from robustlab import __version__
+from robustlab.claims import collect
 from robustlab.errors import UserError
 from robustlab.paths import check_output_dir
 from robustlab.report import Report, Section
@@ -124,5 +127,7 @@ def run_reproduce(
             outcomes.append(Outcome(system, status, seconds, detail))
             echo(f"{system}: {status} in {seconds:.1f} s" + (f" — {detail}" if detail else ""))
         report.add(section)
+    runs = {s.name: s.results for s in report.sections if s.status == "ok"}
+    report.claims, report.claim_problems = collect(systems, runs)
     paths = report.write(out_dir)
     return paths["html"], outcomes

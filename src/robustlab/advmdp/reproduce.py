@@ -156,3 +156,133 @@ def _reproduce(scale: str, out: Path, seed: int, progress: Stages) -> Section:
         "regret on log K; intervals are bootstrap over seeds."
     )
     return section
+
+
+# --------------------------------------------------------------------------- claims at a glance
+
+SQRT_K_TARGET = 0.6  # a fitted slope at most this is read as √K (½), clearly below Luo et al.'s ⅔
+
+
+def _slopes_from_cells(folder: Path, reps: int = 2000) -> dict[str, dict]:
+    """Per algorithm: the K values every algorithm finished, the log-log slope of mean regret over them
+    and over the last interval, each with a 95% bootstrap interval over seeds (resampled per K)."""
+    import json
+
+    import numpy as np
+
+    cells: dict[str, dict[int, list[float]]] = {}
+    for f in sorted((folder / "cells").glob("*.json")):
+        c = json.loads(f.read_text(encoding="utf-8"))
+        cells.setdefault(c["algorithm"], {})[int(c["K"])] = c["regret"]
+    if not cells:
+        return {}
+    common = sorted(set.intersection(*(set(v) for v in cells.values())))
+    rng = np.random.default_rng(0)
+    out = {}
+    for alg, by_k in cells.items():
+        logk = np.log(np.array(common, dtype=float))
+        samples = np.array([by_k[k] for k in common])  # (K values, seeds)
+        boot = np.array([s[rng.integers(0, len(s), (reps, len(s)))].mean(axis=1) for s in samples])
+        logm, logb = np.log(samples.mean(axis=1)), np.log(np.clip(boot, 1e-12, None))
+
+        def fit(idx: slice, logm=logm, logb=logb, logk=logk) -> tuple[float, float, float]:
+            x = logk[idx]
+            slope = float(np.polyfit(x, logm[idx], 1)[0])
+            b = np.polyfit(x, logb[idx], 1)[0]
+            return slope, float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))
+
+        out[alg] = {
+            "K": common,
+            "seeds": min(len(s) for s in samples),
+            "global": fit(slice(None)),
+            "last": fit(slice(-2, None)),
+        }
+    return out
+
+
+def claims(run: dict | None = None) -> list:
+    """The paper's rates against the committed regret grid (``results/advmdp/regret-standard-<losses>``,
+    standard instance H=5 n=20 A=5 d=8, exact-oracle mode, constants frozen from the pilot instance)."""
+    from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Claim, fmt_ci, results_dir
+    from robustlab.report import short_number
+
+    del run  # the quick run's K ≤ 3000 is burn-in for every bandit learner
+    root = results_dir("advmdp")
+    grids = {ln: _slopes_from_cells(root / f"regret-standard-{ln}") for ln in ("stochastic", "switching")}
+    grids = {ln: g for ln, g in grids.items() if len(next(iter(g.values()), {}).get("K", [])) >= 3}
+    source = ", ".join(f"results/advmdp/regret-standard-{ln}/cells" for ln in grids) or "results/advmdp"
+    if grids:
+        first = next(iter(next(iter(grids.values())).values()))
+        k = [short_number(v) for v in first["K"]]
+        scale = (
+            f"standard linear MDP H=5 n=20 A=5 d=8, K {k[0]}–{k[-1]}, {first['seeds']} seeds, exact oracle; "
+            f"last interval K {k[-2]}–{k[-1]}"
+        )
+    else:
+        scale = "no committed regret grid"
+
+    def rate(alg: str) -> tuple[str, str]:
+        if not grids or any(alg not in g for g in grids.values()):
+            return "no committed run", NOT_TESTABLE
+        text = "; ".join(
+            f"{ln}: slope {fmt_ci(*g[alg]['global'])}, last interval {fmt_ci(*g[alg]['last'])}"
+            for ln, g in grids.items()
+        )
+        if all(g[alg]["global"][2] <= SQRT_K_TARGET for g in grids.values()):
+            return text, REPRODUCED
+        if all(g[alg]["last"][2] <= SQRT_K_TARGET for g in grids.values()):
+            return text, NOT_TESTABLE
+        return text, NOT_REPRODUCED
+
+    def faster_than_luo21() -> tuple[str, str]:
+        if not grids or any({"alg2", "luo21"} - set(g) for g in grids.values()):
+            return "no committed run", NOT_TESTABLE
+        text = "; ".join(
+            f"{ln}: Alg 2 {fmt_ci(*g['alg2']['global'])} vs Luo et al. {fmt_ci(*g['luo21']['global'])}"
+            for ln, g in grids.items()
+        )
+        below = all(g["alg2"]["global"][2] < g["luo21"]["global"][1] for g in grids.values())
+        return text, REPRODUCED if below else NOT_REPRODUCED
+
+    rate_rule = (
+        f"reproduced iff the slope's 95% interval is ≤ {SQRT_K_TARGET} on both loss sequences; not testable "
+        f"at this scale iff not, but the last interval's is (regret bends towards √K only at the end of "
+        f"the grid); not reproduced otherwise."
+    )
+    rows = []
+    for alg, claim, paper in (
+        (
+            "alg2",
+            "Alg 2 (Hedge, magnitude-reduced estimator, dilated bonus) has √K regret",
+            "Õ(√K): slope ½, log A",
+        ),
+        ("alg1", "Alg 1 (log-barrier FTRL, dilated bonus) has √K regret", "Õ(√K): slope ½, poly(A)"),
+    ):
+        ours, verdict = rate(alg)
+        rows.append(Claim("advmdp", claim, paper, ours, scale, verdict, rate_rule, source))
+    ours, verdict = faster_than_luo21()
+    rows.append(
+        Claim(
+            "advmdp",
+            "Regret grows more slowly than Luo et al. 2021's",
+            "√K against K^⅔ (slope ½ vs ⅔)",
+            ours,
+            scale,
+            verdict,
+            "reproduced iff Alg 2's slope interval lies below Luo et al.'s on both loss sequences.",
+            source,
+        )
+    )
+    rows.append(
+        Claim(
+            "advmdp",
+            "Without a simulator (linear MDP), Alg 3 improves K^(14/15) to K^(8/9)",
+            "Õ(K^(8/9)) vs Õ(K^(14/15)): slopes 0.889 vs 0.933",
+            "not measured: no committed alg3 grid",
+            "slopes 0.044 apart need a grid far past K = 1e5",
+            NOT_TESTABLE,
+            "not testable at this scale while no alg3 grid is committed.",
+            source,
+        )
+    )
+    return rows
