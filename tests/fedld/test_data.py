@@ -354,3 +354,36 @@ def test_sslfl_png_images_and_real_split(tmp_path):
     assert ds.train.images.shape == (6, 16, 16, 3) and ds.num_classes == 3 and ds.task == "multi-class"
     assert [len(p) for p in ds.natural_partitions] == [2, 4]
     assert ds.train.labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# what a backbone sees: 3 channels, ImageNet normalisation, the requested size
+
+
+def test_backbone_inputs_are_three_channel_imagenet_normalised_and_resized(tmp_path):
+    import torch
+
+    from robustlab.fedld.models import IMAGENET_MEAN, IMAGENET_STD
+    from robustlab.fedld.task import TaskSpec, load_task
+
+    raw = write_npz(tmp_path / "pneumoniamnist.npz", n=(40, 10, 10), channels=1, classes=2)
+    spec = TaskSpec("pneumoniamnist", str(tmp_path), 2, 1.0, 0, min_partition_size=1)
+    cnn = load_task(spec)
+    assert cnn.x_train.shape == (40, 1, 28, 28) and cnn.in_channels == 1  # the CNN path is unchanged
+    lite = load_task(TaskSpec(**{**spec.__dict__, "model": "efficientnet-lite0", "image_size": 28}))
+    img = raw["train_images"][3].astype(np.float64) / 255.0
+    for c in range(3):  # grey repeated, then (x - mean_c) / std_c, at the native size (no resize)
+        want = (img - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        np.testing.assert_allclose(lite.x_train[3, c].numpy(), want, rtol=1e-5, atol=1e-5)
+    big = load_task(TaskSpec(**{**spec.__dict__, "model": "efficientnet-lite0", "image_size": 64}))
+    assert big.x_train.shape == (40, 3, 64, 64) and big.image_size == 64 and big.source_image_size == 28
+    # bilinear upsampling of the normalised images (a linear map commutes with the per-channel affine)
+    ref = torch.nn.functional.interpolate(
+        lite.x_train[:2], size=(64, 64), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(big.x_train[:2], ref)
+    # a MedMNIST file at the asked size is used as it is
+    write_npz(tmp_path / "pneumoniamnist_64.npz", n=(40, 10, 10), size=64, channels=1, classes=2, seed=1)
+    native = load_task(TaskSpec(**{**spec.__dict__, "model": "resnet18", "image_size": 64}))
+    assert native.source.endswith("pneumoniamnist_64.npz") and native.source_image_size == 64
+    assert native.build_model()(native.x_test[:2]).shape == (2, 2)

@@ -47,6 +47,16 @@ def run(
     min_replies: int = typer.Option(1, help="Minimum client replies to aggregate a round."),
     round_timeout: float = typer.Option(600.0, help="Seconds to wait for the clients each round."),
     num_cpus: int = typer.Option(2, help="CPUs Ray may use."),
+    model: str = typer.Option("cnn", help="cnn, efficientnet-lite0, resnet18 or resnet50."),
+    pretrained: bool = typer.Option(
+        False,
+        "--pretrained",
+        help="Start the backbone from ImageNet weights (--weights or the installed package).",
+    ),
+    image_size: int = typer.Option(
+        0, help="Image side the model sees, resized if needed [default: the data's]."
+    ),
+    weights: Path = typer.Option(None, "--weights", help="Local ImageNet state_dict file for the backbone."),
 ) -> None:
     """Run (or resume) an experiment: every method x seed, per-round evaluation, summary, table, plots."""
     from robustlab.fedld.experiment import ExperimentConfig, parse_methods, run_experiment, summary_table
@@ -76,6 +86,10 @@ def run(
         min_replies=min_replies,
         round_timeout=round_timeout,
         num_cpus=num_cpus,
+        model=model,
+        pretrained=pretrained,
+        image_size=image_size,
+        weights=str(weights) if weights is not None else "",
     )
     summary = run_experiment(cfg, out, echo=typer.echo)
     cols, rows = summary_table(summary)

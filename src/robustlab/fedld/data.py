@@ -52,17 +52,26 @@ class ImageSplit:
         return mean, np.where(std > 0, std, 1.0)
 
     def tensors(
-        self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels: int | None = None,
     ) -> tuple[Any, Any]:
         """``(x, y)`` torch tensors: x float32 ``(N, C, H, W)`` = (image/255 − mean)/std, y int64
-        (float32 for multi-label targets). ``mean``/``std`` default to this split's own statistics."""
+        (float32 for multi-label targets). ``mean``/``std`` default to this split's own statistics;
+        ``channels=3`` repeats a grey image to 3 channels first."""
         import torch
 
+        images = self.images
+        if channels is not None and images.shape[-1] != channels:
+            if images.shape[-1] != 1:
+                raise UserError(f"cannot turn {images.shape[-1]}-channel images into {channels} channels")
+            images = np.repeat(images, channels, axis=-1)
         if mean is None or std is None:
             mean, std = self.channel_stats()
         m = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, -1)
         s = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, -1)
-        x = (self.images.astype(np.float32) / 255.0 - m) / s
+        x = (images.astype(np.float32) / 255.0 - m) / s
         x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         y_t = torch.from_numpy(self.labels.astype(np.float32 if self.labels.ndim == 2 else np.int64))
         return x_t, y_t

@@ -91,11 +91,19 @@ RESUME_KEYS = (
     "server_lr",
     "min_partition_size",
     "model",
+    "pretrained",
+    "image_size",
+    "weights",
 )
 
 #: resume keys added after folders were first written: a folder whose config.yaml lacks one still resumes
 #: when the run asks for the default (the value every earlier run used)
-LATER_RESUME_DEFAULTS: dict[str, Any] = {"fedpac_lambda": 1.0}
+LATER_RESUME_DEFAULTS: dict[str, Any] = {
+    "fedpac_lambda": 1.0,
+    "pretrained": False,
+    "image_size": 0,
+    "weights": "",
+}
 
 
 @dataclass
@@ -131,6 +139,9 @@ class ExperimentConfig:
     server_lr: float | None = None
     min_partition_size: int = 10
     model: str = "cnn"
+    pretrained: bool = False
+    image_size: int = 0
+    weights: str = ""
     min_replies: int = 1
     round_timeout: float = 600.0
     num_cpus: int = 2
@@ -159,6 +170,8 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 
 def validate_config(cfg: ExperimentConfig) -> None:
     """Raise ``UserError`` for any bad setting, before anything is written."""
+    from robustlab.fedld.models import MODEL_NAMES
+
     parse_methods(cfg.methods)
     checks = [
         (cfg.clients >= 1, f"--clients must be >= 1, got {cfg.clients}", "use e.g. 5"),
@@ -195,6 +208,16 @@ def validate_config(cfg: ExperimentConfig) -> None:
             f"--min-replies must be between 1 and --clients, got {cfg.min_replies}",
             "use 1",
         ),
+        (
+            cfg.model.lower() in MODEL_NAMES,
+            f"unknown --model '{cfg.model}'",
+            f"use one of {', '.join(MODEL_NAMES)}",
+        ),
+        (
+            cfg.image_size >= 0,
+            f"--image-size must be >= 0, got {cfg.image_size}",
+            "use e.g. 64 (0 = the data's)",
+        ),
         (cfg.round_timeout > 0, f"--round-timeout must be > 0, got {cfg.round_timeout}", "use e.g. 600"),
         (
             cfg.num_cpus >= 1 and cfg.client_cpus > 0,
@@ -218,6 +241,9 @@ def _task_spec(cfg: ExperimentConfig, seed: int):
         seed=seed,
         min_partition_size=cfg.min_partition_size,
         model=cfg.model,
+        pretrained=cfg.pretrained,
+        image_size=cfg.image_size,
+        weights=cfg.weights,
     )
 
 
@@ -278,7 +304,7 @@ def run_experiment(
     seeds = cfg.seed_list()
     # load (and so validate) the data and every seed's partition before any output exists
     for s in seeds:
-        load_task(_task_spec(cfg, s))
+        load_task(_task_spec(cfg, s)).build_model()  # also checks the model, its input and its weights
     out = Path(out)
     if "fedavg-slr" in cfg.methods and cfg.server_lr is None and "fedld" not in cfg.methods:
         probe = RunDir(out)
@@ -410,6 +436,9 @@ def _simulate(
                         "server_lr": strategy.server_lr if method == "fedavg-slr" else None,
                         "skipped_rounds": list(strategy.skipped_rounds),
                         "label_counts": task_label_counts(task),
+                        "data_source": task.source,
+                        "source_image_size": task.source_image_size,
+                        "model_parameters": sum(p.numel() for p in task.build_model().parameters()),
                         "history": history,
                         "seconds": time.perf_counter() - t0,
                         # each cell carries its own versions and commit: a sweep spans sessions and the

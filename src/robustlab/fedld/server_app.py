@@ -221,6 +221,10 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "min-replies": 1,
     "fraction-evaluate": 1.0,
     "round-timeout": 600.0,
+    "model": "cnn",
+    "pretrained": False,
+    "image-size": 0,
+    "weights": "",
     "out": "",
 }
 
@@ -244,6 +248,10 @@ def main(grid: Grid, context: Context) -> None:
         num_partitions=n,
         beta=float(cfg["beta"]),
         seed=seed,
+        model=str(cfg["model"]),
+        pretrained=bool(cfg["pretrained"]),
+        image_size=int(cfg["image-size"]),
+        weights=str(cfg["weights"]),
     )
     task = load_task(spec)
     options = {

@@ -36,6 +36,13 @@ class TaskSpec:
     seed: int = 0
     min_partition_size: int = 10
     model: str = "cnn"
+    #: copy ImageNet weights into the backbone (from ``weights``, else the installed package)
+    pretrained: bool = False
+    #: side of the images the model sees (0 = the dataset's own); a MedMNIST file at that size is used
+    #: when the folder has one, else the images are resized (bilinear)
+    image_size: int = 0
+    #: a local ImageNet ``state_dict`` file for the backbone ("" = the installed package's)
+    weights: str = ""
 
     def to_config(self) -> dict[str, Any]:
         """The spec as ConfigRecord entries (``task-*`` keys)."""
@@ -59,6 +66,9 @@ class TaskSpec:
             seed=int(get("seed", 0)),
             min_partition_size=int(get("min-partition-size", 10)),
             model=str(get("model", "cnn")),
+            pretrained=bool(get("pretrained", False)),
+            image_size=int(get("image-size", 0)),
+            weights=str(get("weights", "")),
         )
 
 
@@ -79,6 +89,9 @@ class Task:
     #: the validation split divided like the test split: personalised methods (FedBN, FedPAC) choose their
     #: reported round on the clients' own models' validation accuracy
     val_partitions: list[np.ndarray]
+    #: the file the images came from and their size there (before any resizing)
+    source: str = ""
+    source_image_size: int = 0
 
     # -- model
     def build_model(self) -> torch.nn.Module:
@@ -89,6 +102,8 @@ class Task:
             num_classes=self.num_classes,
             in_channels=self.in_channels,
             image_size=self.image_size,
+            pretrained=self.spec.pretrained,
+            weights=self.spec.weights or None,
         )
 
     def batchnorm_keys(self) -> list[str]:
@@ -208,13 +223,23 @@ def split_test_like_train(
 
 
 def load_image_dataset(spec: TaskSpec) -> Any:
-    """The :class:`robustlab.fedld.data.ImageDataset` named by the spec (``digits`` or a MedMNIST flag)."""
+    """The :class:`robustlab.fedld.data.ImageDataset` named by the spec (``digits`` or a MedMNIST flag;
+    the MedMNIST file at ``spec.image_size`` when the folder has it, else the 28 px one)."""
     from robustlab.fedld import data
 
     if spec.dataset == "digits":
         ds = data.load_digits_dataset(seed=0)
     else:
-        ds = data.load_medmnist(spec.dataset, data_dir=spec.data_dir)
+        ds = None
+        if spec.image_size in data.MEDMNIST_SIZES and spec.image_size != 28:
+            try:
+                ds = data.load_medmnist(
+                    spec.dataset, size=spec.image_size, data_dir=spec.data_dir, download=False
+                )
+            except UserError:
+                ds = None  # no file at that size: resize the 28 px images
+        if ds is None:
+            ds = data.load_medmnist(spec.dataset, data_dir=spec.data_dir)
     if ds.multi_label:
         raise UserError(
             f"{spec.dataset} is multi-label; FedLD's margin control and the label-skew split need one label per image",
@@ -236,10 +261,7 @@ def load_task(spec: TaskSpec) -> Task:
         y_train, spec.num_partitions, spec.beta, seed=spec.seed, min_partition_size=spec.min_partition_size
     )
     partitions = [np.sort(np.asarray(p, dtype=np.int64)) for p in partitions]
-    mean, std = ds.train.channel_stats()
-    x_train, y_train_t = ds.train.tensors(mean, std)
-    x_val, y_val = ds.val.tensors(mean, std)
-    x_test, y_test = ds.test.tensors(mean, std)
+    x_train, y_train_t, x_val, y_val, x_test, y_test = model_inputs(ds, spec)
     return Task(
         spec=spec,
         x_train=x_train,
@@ -249,8 +271,8 @@ def load_task(spec: TaskSpec) -> Task:
         x_test=x_test,
         y_test=y_test,
         num_classes=int(ds.num_classes),
-        in_channels=int(ds.channels),
-        image_size=int(ds.image_size),
+        in_channels=int(x_train.shape[1]),
+        image_size=int(x_train.shape[-1]),
         partitions=partitions,
         test_partitions=split_test_like_train(
             y_train, partitions, y_test.numpy(), int(ds.num_classes), spec.seed
@@ -258,4 +280,49 @@ def load_task(spec: TaskSpec) -> Task:
         val_partitions=split_test_like_train(
             y_train, partitions, y_val.numpy(), int(ds.num_classes), spec.seed + 1
         ),
+        source=str(ds.source),
+        source_image_size=int(ds.image_size),
     )
+
+
+def model_inputs(ds: Any, spec: TaskSpec) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_val, y_val, x_test, y_test) as the model expects them.
+
+    The CNN gets the images normalised per channel with the training split's mean and std. A backbone
+    (:data:`robustlab.fedld.models.BACKBONES`) gets 3 channels (grey repeated) normalised with the
+    ImageNet mean and std, the statistics its pretrained weights were trained with. With
+    ``spec.image_size`` the normalised images are resized (bilinear, antialiased when shrinking)."""
+    from robustlab.fedld import models
+
+    if spec.image_size < 0:
+        raise UserError(
+            f"--image-size must be >= 0, got {spec.image_size}", "use e.g. 64 (0 = the data's own)"
+        )
+    backbone = spec.model.lower() in models.BACKBONES
+    if backbone:
+        mean, std = np.asarray(models.IMAGENET_MEAN), np.asarray(models.IMAGENET_STD)
+    else:
+        mean, std = ds.train.channel_stats()
+    out: list[torch.Tensor] = []
+    for split in (ds.train, ds.val, ds.test):
+        x, y = split.tensors(mean, std, channels=3 if backbone else None)
+        size = spec.image_size
+        if size and size != x.shape[-1]:
+            x = (
+                torch.cat(
+                    [
+                        torch.nn.functional.interpolate(
+                            x[i : i + 256],
+                            size=(size, size),
+                            mode="bilinear",
+                            align_corners=False,
+                            antialias=size < x.shape[-1],
+                        )
+                        for i in range(0, len(x), 256)
+                    ]
+                )
+                if len(x)
+                else x.new_zeros((0, x.shape[1], size, size))
+            )
+        out += [x.contiguous(), y]
+    return tuple(out)
