@@ -81,17 +81,21 @@ def regret(
 @app.command()
 def tune(
     algorithms: str = typer.Option("alg1,alg2,luo21,fullinfo", help="Comma-separated algorithm names."),
-    c_eta: str = typer.Option("3,10,30,100", help="Grid of c_eta."),
-    c_beta: str = typer.Option("0.03,0.1,0.3", help="Grid of c_beta."),
-    K: int = typer.Option(10_000, "--K", help="Pilot number of episodes."),
-    seeds: int = typer.Option(2, help="Seeds per grid point."),
+    c_eta: str = typer.Option("1,10,100,1000", help="Starting grid of c_eta (extended at its edges)."),
+    c_beta: str = typer.Option("0.03,0.3,3,10", help="Starting grid of c_beta (extended at its edges)."),
+    K: int = typer.Option(100_000, "--K", help="Pilot number of episodes."),
+    seeds: int = typer.Option(3, help="Seeds per grid point."),
+    losses: str = typer.Option("stochastic", help="Comma-separated loss sequences scored (mean)."),
     instance_seed: int = typer.Option(1, help="Pilot instance seed (must differ from the evaluation seed)."),
+    extend: int = typer.Option(2, help="Times an axis may be extended when the best value is on its edge."),
     workers: int = typer.Option(1, help="Worker processes."),
+    backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]."),
     out: Path = typer.Option(Path("runs/advmdp/tune"), help="Run folder."),
 ) -> None:
     """Choose (c_eta, c_beta) per algorithm on a pilot instance; freeze them before measuring slopes."""
     from robustlab.advmdp.algorithms import get_spec
-    from robustlab.advmdp.experiment import tune_constants
+    from robustlab.advmdp.algorithms.engine import resolve_backend
+    from robustlab.advmdp.experiment import TuneConfig, tune_constants
 
     names = [a.strip() for a in algorithms.split(",") if a.strip()]
     for a in names:
@@ -102,10 +106,19 @@ def tune(
     except ValueError as exc:
         raise UserError("grids must be comma-separated numbers", "e.g. --c-eta 3,10,30") from exc
     if K <= 0:
-        raise UserError(f"K must be positive, got {K}", "pass --K 10000")
-    if seeds < 1 or workers < 1 or min(ce) <= 0 or min(cb) < 0:
-        raise UserError("seeds and workers must be >= 1, c_eta > 0, c_beta >= 0", "fix the options")
-    tune_constants(names, out, ce, cb, K, seeds, instance_seed, workers=workers, echo=typer.echo)
+        raise UserError(f"K must be positive, got {K}", "pass --K 100000")
+    if seeds < 1 or workers < 1 or min(ce) <= 0 or min(cb) < 0 or extend < 0:
+        raise UserError("seeds, workers >= 1, extend >= 0, c_eta > 0, c_beta >= 0", "fix the options")
+    if instance_seed == 0:
+        raise UserError("instance seed 0 is the evaluation instance", "tune on another --instance-seed")
+    loss_names = [x.strip() for x in losses.split(",") if x.strip()]
+    for ln in loss_names:
+        if ln not in ("stochastic", "switching", "needle"):
+            raise UserError(f"unknown loss sequence {ln!r} for tuning", "use stochastic, switching or needle")
+    if backend is not None:
+        resolve_backend(backend)
+    cfg = TuneConfig(names, ce, cb, K, seeds, instance_seed, loss_names, extend, True, workers, backend)
+    tune_constants(cfg, out, echo=typer.echo)
 
 
 @app.command()

@@ -356,69 +356,164 @@ def run_regret(cfg: RegretConfig, out: str | Path, echo: Callable[[str], None] =
 
 # ----------------------------------------------------------------------------- constant selection
 
+TUNE_C_ETA = (1.0, 10.0, 100.0, 1000.0)  # three decades
+TUNE_C_BETA = (0.03, 0.3, 3.0, 10.0)  # brackets the theory values c_beta ~ 5 (Alg 1, MR-clip), ~ 9 (MR-unb.)
 
-def tune_constants(
-    algorithms: Sequence[str],
-    out: str | Path,
-    c_eta_grid: Sequence[float] = (1, 3, 10, 30, 100, 300),
-    c_beta_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
-    K: int = 10_000,
-    seeds: int = 3,
-    instance_seed: int = PILOT_INSTANCE_SEED,
-    loss_names: Sequence[str] = ("stochastic", "switching"),
-    workers: int = 1,
-    echo: Callable[[str], None] = print,
-) -> dict:
-    """Choose (c_eta, c_beta) per algorithm on the pilot instance: the grid point with the lowest mean
-    regret at K, averaged over the loss sequences and seeds. The whole grid runs as one batch per
-    (algorithm, loss sequence). Writes ``constants.json``; freeze the result before measuring slopes."""
-    from robustlab.runs import RunDir, cell_key
 
-    for a in algorithms:
-        get_spec(a)
-    config = {
-        "algorithms": list(algorithms),
-        "c_eta_grid": list(c_eta_grid),
-        "c_beta_grid": list(c_beta_grid),
-        "K": K,
-        "seeds": seeds,
-        "instance_seed": instance_seed,
-        "losses": list(loss_names),
+@dataclass
+class TuneConfig:
+    """The tuning protocol (docs/advmdp.md, "Tuning"): on the PILOT instance (standard shape, instance seed
+    1; the evaluation instance is seed 0), at K episodes, ``seeds`` learner seeds (1000, 1001, ...), every
+    grid point scored by its mean regret over the seeds and loss sequences. If the best point sits on an
+    edge of the grid, the grid is extended by one more decade in that direction (at most ``extend``
+    times per axis); then c_eta is refined by half-decades around the best value."""
+
+    algorithms: list[str] = field(default_factory=lambda: ["alg1", "alg2", "luo21", "fullinfo"])
+    c_eta: list[float] = field(default_factory=lambda: list(TUNE_C_ETA))
+    c_beta: list[float] = field(default_factory=lambda: list(TUNE_C_BETA))
+    K: int = 100_000
+    seeds: int = 3
+    instance_seed: int = PILOT_INSTANCE_SEED
+    losses: list[str] = field(default_factory=lambda: ["stochastic"])
+    extend: int = 2
+    refine: bool = True
+    workers: int = 1
+    backend: str | None = None
+
+
+def _tune_key(a: str, loss: str, ce: float, cb: float) -> str:
+    from robustlab.runs import cell_key
+
+    return cell_key(algorithm=a, losses=loss, c_eta=f"{ce:.6g}", c_beta=f"{cb:.6g}")
+
+
+def _tune_point(cfg_dict: dict, name: str, loss_name: str, ce: float, cb: float) -> dict:
+    """One grid point: regret of every seed at K on the pilot instance."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = TuneConfig(**cfg_dict)
+    mdp = make_instance("standard", cfg.instance_seed)
+    losses = make_losses(loss_name, mdp, cfg.K, seed=0)
+    spec = get_spec(name)
+    params = spec.schedule(cfg.K, mdp.H, mdp.dim, mdp.n_actions, ce, cb)
+    seeds = list(range(1000, 1000 + cfg.seeds))
+    res = run_algorithm(mdp, losses, spec, params, cfg.K, seeds, backend=cfg.backend)
+    return {
+        "algorithm": name,
+        "losses": loss_name,
+        "c_eta": ce,
+        "c_beta": cb,
+        "params": params.__dict__,
+        "regret": res.regret.tolist(),
+        "mean_regret": float(res.regret.mean()),
+        "seconds": res.seconds,
     }
-    run = RunDir.open(out, config, seed=instance_seed)
-    jobs = [
-        (a, ln) for a in algorithms for ln in loss_names if not run.is_done(cell_key(algorithm=a, losses=ln))
-    ]
-    if workers > 1 and jobs:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futs = {pool.submit(_tune_job, config, a, ln): (a, ln) for a, ln in jobs}
+
+
+def _uses_c_beta(name: str) -> bool:
+    spec = get_spec(name)
+    return spec.bonus or name in ("expweights", "lbnobonus")  # c_beta sets gamma there too
+
+
+def tune_constants(cfg: TuneConfig, out: str | Path, echo: Callable[[str], None] = print) -> dict:
+    """Choose (c_eta, c_beta) per algorithm by :class:`TuneConfig`'s protocol; resumable per grid point.
+    Writes ``summary.json`` (every point's score, the choice and where it sits in the final grid) and
+    ``constants.json``; freeze the result in ``algorithms/specs.py`` before measuring slopes."""
+    from robustlab.runs import RunDir
+
+    for a in cfg.algorithms:
+        get_spec(a)
+    config = asdict(cfg)
+    run = RunDir.open(
+        out,
+        config,
+        seed=cfg.instance_seed,
+        resume_keys=[k for k in config if k not in ("workers", "backend")],
+    )
+    grids = {a: (sorted(cfg.c_eta), sorted(cfg.c_beta) if _uses_c_beta(a) else [0.0]) for a in cfg.algorithms}
+
+    def run_points(points: list[tuple[str, float, float]]) -> None:
+        jobs = [
+            (a, ln, ce, cb)
+            for a, ce, cb in points
+            for ln in cfg.losses
+            if not run.is_done(_tune_key(a, ln, ce, cb))
+        ]
+        if not jobs:
+            return
+        echo(f"tuning: {len(jobs)} grid points to run on {cfg.workers} worker(s)")
+        if cfg.workers == 1:
+            for j in jobs:
+                run.save(_tune_key(*j), _tune_point(config, *j))
+            return
+        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+            futs = {pool.submit(_tune_point, config, *j): j for j in jobs}
             for f in as_completed(futs):
-                a, ln = futs[f]
-                run.save(cell_key(algorithm=a, losses=ln), f.result())
-                echo(f"tuned {a} on {ln}")
-    else:
-        for a, ln in jobs:
-            run.save(cell_key(algorithm=a, losses=ln), _tune_job(config, a, ln))
-            echo(f"tuned {a} on {ln}")
+                run.save(_tune_key(*futs[f]), f.result())
+
+    def score(a: str, ce: float, cb: float) -> float:
+        return float(np.mean([run.load(_tune_key(a, ln, ce, cb))["mean_regret"] for ln in cfg.losses]))
+
+    def best(a: str) -> tuple[float, float]:
+        ces, cbs = grids[a]
+        return min(((ce, cb) for ce in ces for cb in cbs), key=lambda p: score(a, *p))
+
+    run_points([(a, ce, cb) for a in cfg.algorithms for ce in grids[a][0] for cb in grids[a][1]])
+    for _ in range(cfg.extend):  # extend any axis whose best value sits on an edge
+        new = []
+        for a in cfg.algorithms:
+            ces, cbs = grids[a]
+            ce, cb = best(a)
+            if ce in (ces[0], ces[-1]):
+                ces.insert(0, ces[0] / 10) if ce == ces[0] else ces.append(ces[-1] * 10)
+            if cbs != [0.0] and cb in (cbs[0], cbs[-1]):
+                cbs.insert(0, cbs[0] / 10) if cb == cbs[0] else cbs.append(cbs[-1] * 10)
+            new += [
+                (a, x, y)
+                for x in ces
+                for y in cbs
+                if not all(run.is_done(_tune_key(a, ln, x, y)) for ln in cfg.losses)
+            ]
+        if not new:
+            break
+        run_points(new)
+    refined: dict[str, list[float]] = {}
+    if cfg.refine:  # half-decade neighbours of the best c_eta, at the best c_beta
+        pts = []
+        for a in cfg.algorithms:
+            ce, cb = best(a)
+            refined[a] = [ce / math.sqrt(10), ce * math.sqrt(10)]
+            pts += [(a, x, cb) for x in refined[a]]
+        run_points(pts)
     chosen = {}
-    for a in algorithms:
-        tables = [run.load(cell_key(algorithm=a, losses=ln)) for ln in loss_names]
-        grid = tables[0]["grid"]
-        score = np.mean([t["mean_regret"] for t in tables], axis=0)
-        i = int(np.argmin(score))
+    for a in cfg.algorithms:
+        ces, cbs = grids[a]
+        points = [(ce, cb) for ce in ces for cb in cbs] + [(x, best(a)[1]) for x in refined.get(a, [])]
+        scores = {p: score(a, *p) for p in points}
+        ce, cb = min(scores, key=scores.get)
+        on_edge = [
+            ax for ax, v, g in (("c_eta", ce, ces), ("c_beta", cb, cbs)) if len(g) > 1 and v in (g[0], g[-1])
+        ]
         chosen[a] = {
-            "c_eta": grid[i][0],
-            "c_beta": grid[i][1],
-            "pilot_mean_regret": float(score[i]),
-            "grid": grid,
-            "scores": score.tolist(),
+            "c_eta": ce,
+            "c_beta": cb,
+            "pilot_mean_regret": scores[(ce, cb)],
+            "c_eta_grid": ces,
+            "c_beta_grid": cbs,
+            "c_eta_refined": refined.get(a, []),
+            "on_grid_edge": on_edge,
+            "points": [{"c_eta": p[0], "c_beta": p[1], "mean_regret": v} for p, v in sorted(scores.items())],
         }
-        echo(f"{a}: c_eta={grid[i][0]}, c_beta={grid[i][1]} (pilot mean regret {score[i]:.1f} at K={K})")
+        echo(
+            f"{a}: c_eta={ce:.4g}, c_beta={cb:.4g} (pilot mean regret {scores[(ce, cb)]:.1f} at K={cfg.K}"
+            + (f"; on the grid edge in {', '.join(on_edge)}" if on_edge else "; inside the grid")
+            + ")"
+        )
     result = {
-        "pilot_instance_seed": instance_seed,
-        "K": K,
-        "seeds": seeds,
-        "losses": list(loss_names),
+        "protocol": TuneConfig.__doc__.split("\n\n")[0].strip() if TuneConfig.__doc__ else "",
+        "pilot_instance_seed": cfg.instance_seed,
+        "K": cfg.K,
+        "seeds": cfg.seeds,
+        "losses": cfg.losses,
         "chosen": chosen,
     }
     run.write_summary(result)
@@ -426,23 +521,6 @@ def tune_constants(
         json.dumps({a: [c["c_eta"], c["c_beta"]] for a, c in chosen.items()}, indent=2)
     )
     return result
-
-
-def _tune_job(config: dict, name: str, loss_name: str) -> dict:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mdp = make_instance("standard", config["instance_seed"])
-    losses = make_losses(loss_name, mdp, config["K"], seed=0)
-    spec = get_spec(name)
-    cb_grid = config["c_beta_grid"] if spec.bonus or name in ("expweights", "lbnobonus") else [0.0]
-    grid = [(ce, cb) for ce in config["c_eta_grid"] for cb in cb_grid]
-    params, seeds = [], []
-    for ce, cb in grid:
-        for s in range(config["seeds"]):
-            params.append(spec.schedule(config["K"], mdp.H, mdp.dim, mdp.n_actions, ce, cb))
-            seeds.append(1000 + s)
-    res = run_algorithm(mdp, losses, spec, params, config["K"], seeds)
-    reg = np.asarray(res.regret).reshape(len(grid), config["seeds"]).mean(1)
-    return {"grid": grid, "mean_regret": reg.tolist(), "seconds": res.seconds}
 
 
 def summarise_folder(
