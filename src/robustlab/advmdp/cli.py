@@ -122,6 +122,56 @@ def tune(
 
 
 @app.command()
+def sweep(
+    out: Path = typer.Option(Path("results/advmdp/sweep"), help="Folder of the per-grid run folders."),
+    instances: str = typer.Option("standard,small", help="Comma-separated instances."),
+    losses: str = typer.Option("stochastic,switching", help="Comma-separated loss sequences."),
+    algorithms: str = typer.Option(
+        "alg1,alg2,luo21,fullinfo,alg1_control,alg2_control,luo21_control", help="Comma-separated."
+    ),
+    K: str = typer.Option("10000,30000,100000,300000,1000000", "--K", help="Comma-separated K values."),
+    seeds: int = typer.Option(10, help="Learner seeds per cell."),
+    seeds_at: str = typer.Option("", help="Fewer seeds at some K: K:seeds,... e.g. 1000000:3."),
+    workers: int = typer.Option(1, help="Worker processes (one pool over every grid)."),
+    backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]."),
+) -> None:
+    """The evidence sweep: every (instance, losses) grid, resumable per cell, cheapest cells first."""
+    from robustlab.advmdp.experiment import parse_int_list
+    from robustlab.advmdp.sweep import SweepConfig, run_sweep
+
+    try:
+        at = [[int(float(a)), int(b)] for a, b in (x.split(":") for x in seeds_at.split(",") if x.strip())]
+    except ValueError as exc:
+        raise UserError(f"cannot parse --seeds-at {seeds_at!r}", "use K:seeds,... e.g. 1000000:3") from exc
+    if seeds < 1 or workers < 1 or any(n < 1 for _, n in at):
+        raise UserError("seeds and workers must be >= 1", "fix --seeds, --seeds-at or --workers")
+    cfg = SweepConfig(
+        instances=[x.strip() for x in instances.split(",") if x.strip()],
+        losses=[x.strip() for x in losses.split(",") if x.strip()],
+        algorithms=[x.strip() for x in algorithms.split(",") if x.strip()],
+        K=parse_int_list(K, "--K"),
+        seeds=seeds,
+        seeds_at=at,
+        workers=workers,
+        backend=backend,
+    )
+    run_sweep(cfg, out, echo=typer.echo)
+
+
+@app.command("sweep-report")
+def sweep_report(
+    results: Path = typer.Option(Path("results/advmdp/sweep"), help="The sweep folder."),
+    plot: Path = typer.Option(Path("docs/advmdp_sqrtK.png"), help="Where to write the R/sqrt(K) plot."),
+) -> None:
+    """Tables (tables.md), summary.json and the R/sqrt(K) plot from the finished cells of a sweep."""
+    from robustlab.advmdp.sweep import build_report
+
+    if not results.is_dir():
+        raise UserError(f"{results} is not a folder", "pass the --out of `robustlab advmdp sweep`")
+    build_report(results, plot, echo=typer.echo)
+
+
+@app.command()
 def summarize(
     out: Path = typer.Option(..., help="A regret run folder."),
     per_algorithm: bool = typer.Option(

@@ -88,6 +88,10 @@ class RegretConfig:
     gamma: float | None = None  # overrides every schedule's gamma when given
     workers: int = 1
     backend: str | None = None  # numpy | numba; None: numba when installed (same numbers either way)
+    seeds_at: list[list[int]] = field(default_factory=list)  # [[K, seeds], ...] overrides ``seeds`` at K
+
+    def seeds_for(self, K: int) -> int:
+        return dict((int(k), int(n)) for k, n in self.seeds_at).get(int(K), self.seeds)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -158,7 +162,12 @@ def run_cell(cfg_dict: dict, name: str, K: int) -> dict:
     cfg = RegretConfig(**cfg_dict)
     mdp = make_instance(cfg.instance, cfg.instance_seed)
     losses = make_loss_sequence(cfg.losses, mdp, max(cfg.K), cfg.loss_seed)
-    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds_for(K)))
+    spec0 = get_spec(name) if name != "alg3" else None
+    if spec0 is not None and spec0.estimator in ("exact_q", "none") and cfg.mode == "oracle":
+        # full information and the uniform policy never look at the trajectory: pi_k, hence the
+        # pseudo-regret, is the same for every learner seed, so one seed is the whole distribution
+        seeds = seeds[:1]
     if name == "alg3":
         from robustlab.advmdp.algorithms.alg3 import Alg3Config, run_alg3
 

@@ -65,6 +65,8 @@ def _episodes(  # one fused loop on purpose (see the module docstring)
     q = np.empty(n)
     q2 = np.empty(n)
     Sig = np.empty((d, d))
+    Lc = np.empty((d, d))
+    Sp = np.empty((d, d))
     VmT = np.zeros((max(d, 8), nA))  # rows d..7 stay 0 (padding for the unrolled Gram)
     xv = np.empty(nA)
     norm2 = np.empty((H, nA))
@@ -230,7 +232,7 @@ def _episodes(  # one fused loop on purpose (see the module docstring)
                     Sig[j, j2] = v
                     Sig[j2, j] = v
                 Sig[j, j] += gamma
-            Sp = np.linalg.inv(Sig)
+            _spd_inverse(Sig, Lc, Sp)
             # VmT[:, i] = Sp phi_i; norm2_i = ||phi_i||^2_Sp
             for j in range(d):
                 for i in range(nA):
@@ -297,6 +299,40 @@ def _episodes(  # one fused loop on purpose (see the module docstring)
             for i in range(nA):
                 C[h, i] += Qt[h, i]
     acc[2] = ci
+
+
+@njit(cache=True, fastmath=_FM)
+def _spd_inverse(M, L, out):
+    """out = M^-1 for a symmetric positive-definite M (here Sigma + gamma I), by Cholesky M = L L^T and
+    M^-1 = L^-T L^-1: for d = 8 a few hundred flops, far below a LAPACK call's overhead."""
+    d = M.shape[0]
+    for j in range(d):
+        v = M[j, j]
+        for k in range(j):
+            v -= L[j, k] * L[j, k]
+        L[j, j] = math.sqrt(v)
+        for i in range(j + 1, d):
+            v = M[i, j]
+            for k in range(j):
+                v -= L[i, k] * L[j, k]
+            L[i, j] = v / L[j, j]
+        for i in range(j):
+            L[i, j] = 0.0
+    # L <- L^-1 in place (lower triangular), column by column
+    for j in range(d):
+        L[j, j] = 1.0 / L[j, j]
+        for i in range(j + 1, d):
+            v = 0.0
+            for k in range(j, i):
+                v -= L[i, k] * L[k, j]
+            L[i, j] = v / L[i, i]
+    for i in range(d):
+        for j in range(i, d):
+            v = 0.0
+            for k in range(j, d):
+                v += L[k, i] * L[k, j]
+            out[i, j] = v
+            out[j, i] = v
 
 
 @njit(cache=True, fastmath=_FM)
