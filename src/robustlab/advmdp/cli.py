@@ -117,7 +117,9 @@ def tune(
             raise UserError(f"unknown loss sequence {ln!r} for tuning", "use stochastic, switching or needle")
     if backend is not None:
         resolve_backend(backend)
-    cfg = TuneConfig(names, ce, cb, K, seeds, instance_seed, loss_names, extend, True, workers, backend)
+    cfg = TuneConfig(
+        names, ce, cb, K, seeds, instance_seed, loss_names, extend, workers=workers, backend=backend
+    )
     tune_constants(cfg, out, echo=typer.echo)
 
 

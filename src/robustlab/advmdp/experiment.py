@@ -373,9 +373,11 @@ TUNE_C_BETA = (0.03, 0.3, 3.0, 10.0)  # brackets the theory values c_beta ~ 5 (A
 class TuneConfig:
     """The tuning protocol (docs/advmdp.md, "Tuning"): on the PILOT instance (standard shape, instance seed
     1; the evaluation instance is seed 0), at K episodes, ``seeds`` learner seeds (1000, 1001, ...), every
-    grid point scored by its mean regret over the seeds and loss sequences. If the best point sits on an
-    edge of the grid, the grid is extended by one more decade in that direction (at most ``extend``
-    times per axis); then c_eta is refined by half-decades around the best value."""
+    point scored by its mean regret over the seeds and loss sequences. Coordinate search over the grids,
+    screened with ``screen_seeds`` seeds: (A) every c_eta at the second-smallest c_beta, (B) every c_beta
+    at the best c_eta; (C) while the best point sits on an edge of an axis, that axis is extended by one
+    decade (at most ``extend`` times per axis). (D) The ``finalists`` best screened points and the
+    half-decade neighbours of the best c_eta are evaluated with all ``seeds``; the best of those wins."""
 
     algorithms: list[str] = field(default_factory=lambda: ["alg1", "alg2", "luo21", "fullinfo"])
     c_eta: list[float] = field(default_factory=lambda: list(TUNE_C_ETA))
@@ -385,18 +387,20 @@ class TuneConfig:
     instance_seed: int = PILOT_INSTANCE_SEED
     losses: list[str] = field(default_factory=lambda: ["stochastic"])
     extend: int = 2
-    refine: bool = True
+    screen_seeds: int = 1
+    finalists: int = 2
     workers: int = 1
     backend: str | None = None
 
 
-def _tune_key(a: str, loss: str, ce: float, cb: float) -> str:
+def _tune_key(a: str, loss: str, ce: float, cb: float, seeds: int, full: int) -> str:
     from robustlab.runs import cell_key
 
-    return cell_key(algorithm=a, losses=loss, c_eta=f"{ce:.6g}", c_beta=f"{cb:.6g}")
+    key = cell_key(algorithm=a, losses=loss, c_eta=f"{ce:.6g}", c_beta=f"{cb:.6g}")
+    return key if seeds == full else f"{key}__seeds={seeds}"
 
 
-def _tune_point(cfg_dict: dict, name: str, loss_name: str, ce: float, cb: float) -> dict:
+def _tune_point(cfg_dict: dict, name: str, loss_name: str, ce: float, cb: float, n_seeds: int) -> dict:
     """One grid point: regret of every seed at K on the pilot instance."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = TuneConfig(**cfg_dict)
@@ -404,7 +408,7 @@ def _tune_point(cfg_dict: dict, name: str, loss_name: str, ce: float, cb: float)
     losses = make_losses(loss_name, mdp, cfg.K, seed=0)
     spec = get_spec(name)
     params = spec.schedule(cfg.K, mdp.H, mdp.dim, mdp.n_actions, ce, cb)
-    seeds = list(range(1000, 1000 + cfg.seeds))
+    seeds = list(range(1000, 1000 + n_seeds))
     res = run_algorithm(mdp, losses, spec, params, cfg.K, seeds, backend=cfg.backend)
     return {
         "algorithm": name,
@@ -436,89 +440,108 @@ def tune_constants(cfg: TuneConfig, out: str | Path, echo: Callable[[str], None]
         out,
         config,
         seed=cfg.instance_seed,
-        resume_keys=[k for k in config if k not in ("workers", "backend")],
+        resume_keys=[
+            k for k in config if k not in ("workers", "backend", "algorithms")
+        ],  # cells are per algorithm
     )
     grids = {a: (sorted(cfg.c_eta), sorted(cfg.c_beta) if _uses_c_beta(a) else [0.0]) for a in cfg.algorithms}
 
-    def run_points(points: list[tuple[str, float, float]]) -> None:
+    def key(a, ln, ce, cb, n):
+        return _tune_key(a, ln, ce, cb, n, cfg.seeds)
+
+    def run_points(points: list[tuple[str, float, float]], n: int) -> None:
         jobs = [
-            (a, ln, ce, cb)
+            (a, ln, ce, cb, n)
             for a, ce, cb in points
             for ln in cfg.losses
-            if not run.is_done(_tune_key(a, ln, ce, cb))
+            if not run.is_done(key(a, ln, ce, cb, n))
         ]
         if not jobs:
             return
-        echo(f"tuning: {len(jobs)} grid points to run on {cfg.workers} worker(s)")
+        echo(f"tuning: {len(jobs)} points with {n} seed(s) to run on {cfg.workers} worker(s)")
         if cfg.workers == 1:
             for j in jobs:
-                run.save(_tune_key(*j), _tune_point(config, *j))
+                run.save(key(*j), _tune_point(config, *j))
             return
         with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
             futs = {pool.submit(_tune_point, config, *j): j for j in jobs}
             for f in as_completed(futs):
-                run.save(_tune_key(*futs[f]), f.result())
+                run.save(key(*futs[f]), f.result())
 
-    def score(a: str, ce: float, cb: float) -> float:
-        return float(np.mean([run.load(_tune_key(a, ln, ce, cb))["mean_regret"] for ln in cfg.losses]))
+    def score(a: str, ce: float, cb: float, n: int) -> float:
+        return float(np.mean([run.load(key(a, ln, ce, cb, n))["mean_regret"] for ln in cfg.losses]))
 
-    def best(a: str) -> tuple[float, float]:
-        ces, cbs = grids[a]
-        return min(((ce, cb) for ce in ces for cb in cbs), key=lambda p: score(a, *p))
+    evaluated: dict[str, set[tuple[float, float]]] = {a: set() for a in cfg.algorithms}
+    final: dict[str, set[tuple[float, float]]] = {a: set() for a in cfg.algorithms}
 
-    run_points([(a, ce, cb) for a in cfg.algorithms for ce in grids[a][0] for cb in grids[a][1]])
-    for _ in range(cfg.extend):  # extend any axis whose best value sits on an edge
+    def stage(points: list[tuple[str, float, float]], is_final: bool = False) -> None:
+        run_points(points, cfg.seeds if is_final else cfg.screen_seeds)
+        for a, ce, cb in points:
+            (final if is_final else evaluated)[a].add((ce, cb))
+
+    def best(a: str, is_final: bool = False) -> tuple[float, float]:
+        n = cfg.seeds if is_final else cfg.screen_seeds
+        return min(sorted(final[a] if is_final else evaluated[a]), key=lambda p: score(a, *p, n))
+
+    start = {a: grids[a][1][min(1, len(grids[a][1]) - 1)] for a in cfg.algorithms}
+    stage([(a, ce, start[a]) for a in cfg.algorithms for ce in grids[a][0]])  # (A)
+    stage([(a, best(a)[0], cb) for a in cfg.algorithms for cb in grids[a][1]])  # (B)
+    for _ in range(cfg.extend):  # (C)
         new = []
         for a in cfg.algorithms:
             ces, cbs = grids[a]
             ce, cb = best(a)
-            if ce in (ces[0], ces[-1]):
-                ces.insert(0, ces[0] / 10) if ce == ces[0] else ces.append(ces[-1] * 10)
-            if cbs != [0.0] and cb in (cbs[0], cbs[-1]):
-                cbs.insert(0, cbs[0] / 10) if cb == cbs[0] else cbs.append(cbs[-1] * 10)
-            new += [
-                (a, x, y)
-                for x in ces
-                for y in cbs
-                if not all(run.is_done(_tune_key(a, ln, x, y)) for ln in cfg.losses)
-            ]
+            if len(ces) > 1 and ce in (ces[0], ces[-1]):
+                x = ces[0] / 10 if ce == ces[0] else ces[-1] * 10
+                ces.insert(0, x) if x < ces[0] else ces.append(x)
+                new.append((a, x, cb))
+            if len(cbs) > 1 and cb in (cbs[0], cbs[-1]):
+                y = cbs[0] / 10 if cb == cbs[0] else cbs[-1] * 10
+                cbs.insert(0, y) if y < cbs[0] else cbs.append(y)
+                new.append((a, ce, y))
         if not new:
             break
-        run_points(new)
+        stage(new)
     refined: dict[str, list[float]] = {}
-    if cfg.refine:  # half-decade neighbours of the best c_eta, at the best c_beta
-        pts = []
-        for a in cfg.algorithms:
-            ce, cb = best(a)
-            refined[a] = [ce / math.sqrt(10), ce * math.sqrt(10)]
-            pts += [(a, x, cb) for x in refined[a]]
-        run_points(pts)
+    pts = []  # (D) finalists and the half-decade neighbours of the best c_eta, with every seed
+    for a in cfg.algorithms:
+        ce, cb = best(a)
+        refined[a] = [ce / math.sqrt(10), ce * math.sqrt(10)]
+        top = sorted(evaluated[a], key=lambda p, a=a: score(a, *p, cfg.screen_seeds))[: cfg.finalists]
+        pts += [(a, *p) for p in top] + [(a, x, cb) for x in refined[a]]
+    stage(pts, is_final=True)
     chosen = {}
     for a in cfg.algorithms:
         ces, cbs = grids[a]
-        points = [(ce, cb) for ce in ces for cb in cbs] + [(x, best(a)[1]) for x in refined.get(a, [])]
-        scores = {p: score(a, *p) for p in points}
-        ce, cb = min(scores, key=scores.get)
+        ce, cb = best(a, is_final=True)
         on_edge = [
             ax for ax, v, g in (("c_eta", ce, ces), ("c_beta", cb, cbs)) if len(g) > 1 and v in (g[0], g[-1])
         ]
         chosen[a] = {
             "c_eta": ce,
             "c_beta": cb,
-            "pilot_mean_regret": scores[(ce, cb)],
+            "pilot_mean_regret": score(a, ce, cb, cfg.seeds),
             "c_eta_grid": ces,
             "c_beta_grid": cbs,
-            "c_eta_refined": refined.get(a, []),
+            "c_eta_refined": refined[a],
             "on_grid_edge": on_edge,
-            "points": [{"c_eta": p[0], "c_beta": p[1], "mean_regret": v} for p, v in sorted(scores.items())],
+            "screened": [
+                {"c_eta": p[0], "c_beta": p[1], "mean_regret": score(a, *p, cfg.screen_seeds)}
+                for p in sorted(evaluated[a])
+            ],
+            "final": [
+                {"c_eta": p[0], "c_beta": p[1], "mean_regret": score(a, *p, cfg.seeds)}
+                for p in sorted(final[a])
+            ],
         }
         echo(
-            f"{a}: c_eta={ce:.4g}, c_beta={cb:.4g} (pilot mean regret {scores[(ce, cb)]:.1f} at K={cfg.K}"
+            f"{a}: c_eta={ce:.4g}, c_beta={cb:.4g} (pilot mean regret {chosen[a]['pilot_mean_regret']:.1f} at "
+            f"K={cfg.K}, {cfg.seeds} seeds"
             + (f"; on the grid edge in {', '.join(on_edge)}" if on_edge else "; inside the grid")
             + ")"
         )
     result = {
-        "protocol": TuneConfig.__doc__.split("\n\n")[0].strip() if TuneConfig.__doc__ else "",
+        "protocol": " ".join((TuneConfig.__doc__ or "").split()),
         "pilot_instance_seed": cfg.instance_seed,
         "K": cfg.K,
         "seeds": cfg.seeds,
