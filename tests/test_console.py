@@ -93,3 +93,12 @@ def test_watch_run_reports_rows_other_writers_append(tmp_path):
     assert [line.split(" (")[0] for line in lines] == ["antidote: s0 done", "antidote: s2 done"]
     assert lines[0].split(" (")[1].startswith("2/5 points, ")
     assert st.done == 5
+
+
+def test_on_a_terminal_stage_lines_print_above_the_bar():
+    out = io.StringIO()
+    with Stages("fedld", total=2, stream=out, live=True, unit="rounds") as st:
+        st.stage("fedavg seed 0 done")
+        st.advance()
+    text = out.getvalue()
+    assert text.count("fedld: fedavg seed 0 done (1/2 rounds, ") == 1

@@ -132,6 +132,17 @@ def rows(claims: Sequence[Claim], link: Callable[[str], str | None]) -> list[lis
     return out
 
 
+def rule_notes(claims: Sequence[Claim], emphasis: str = "") -> list[str]:
+    """One note per distinct rule: the claims it decides (by paper), the rule, the files it reads."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for c in claims:
+        groups.setdefault((c.system, c.rule, c.source), []).append(f"{emphasis}{c.claim}{emphasis}")
+    return [
+        f"{PAPERS.get(system, system)}, {'; '.join(names)}: {rule} From {source}."
+        for (system, rule, source), names in groups.items()
+    ]
+
+
 def readme_block(readme: str, claims: Sequence[Claim], problems: dict[str, str]) -> str:
     """The Markdown between the README's claims markers, linking each row to its system's section."""
     from robustlab.report import markdown_table
@@ -154,7 +165,7 @@ def readme_block(readme: str, claims: Sequence[Claim], problems: dict[str, str])
         "slopes):",
         "",
     ]
-    lines += [f"- {PAPERS.get(c.system, c.system)}, *{c.claim}*: {c.rule} From `{c.source}`." for c in claims]
+    lines += [f"- {note}" for note in rule_notes(claims, emphasis="*")]
     lines += [f"- {s}: claims unavailable ({why})" for s, why in problems.items()]
     return "\n".join(lines)
 

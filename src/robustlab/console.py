@@ -70,8 +70,8 @@ def _format_seconds(seconds: float) -> str:
 class Stages:
     """Progress over ``total`` stages (``None`` when unknown) of one job, labelled ``label``.
 
-    On a terminal (``stream.isatty()``): a transient rich bar with the last finished stage, a count,
-    elapsed time and an estimate of the time left. Otherwise: one line per finished stage,
+    On a terminal (``stream.isatty()``): a transient rich bar with a count, elapsed time and an estimate
+    of the time left, and each finished stage's line printed above it. Otherwise: one line per stage,
     ``<label>: <stage> (<done>/<total> <unit>, <elapsed> elapsed)``. ``advance()`` counts without a
     line (for many small steps inside a stage)."""
 
@@ -114,12 +114,11 @@ class Stages:
                 TimeElapsedColumn(),
                 TextColumn("left"),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[last]}"),
                 console=Console(file=self.stream),
                 transient=True,
             )
             self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.total, last="")
+            self._task = self._progress.add_task(self.label, total=self.total)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -137,18 +136,16 @@ class Stages:
                 self._progress.update(self._task, advance=n)
 
     def stage(self, name: str, advance: int = 1) -> None:
-        """A stage finished: count it and say so (a line when piped, the bar's caption on a terminal)."""
+        """A stage finished: count it and say so in one line (on a terminal, above the bar)."""
         with self._lock:
             self.done += advance
-            if self._progress is not None:
-                self._progress.update(self._task, advance=advance, last=name)
-                return
             count = (f"{self.done}/{self.total}" if self.total else f"{self.done}") + self.unit
-            print(
-                f"{self.label}: {name} ({count}, {_format_seconds(self.elapsed())} elapsed)",
-                file=self.stream,
-                flush=True,
-            )
+            line = f"{self.label}: {name} ({count}, {_format_seconds(self.elapsed())} elapsed)"
+            if self._progress is not None:
+                self._progress.update(self._task, advance=advance)
+                self._progress.console.print(line, highlight=False, markup=False)
+                return
+            print(line, file=self.stream, flush=True)
 
 
 def watch_run(

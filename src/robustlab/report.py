@@ -149,15 +149,13 @@ class Report:
         return rows(self.claims, anchors.get)
 
     def _claim_notes(self) -> list[str]:
-        from robustlab.claims import PAPERS
+        from robustlab.claims import rule_notes
 
         notes = [
             "Ours: each system's committed results (results/<system>/) where it has them, else this run; "
             "the scale is given with every number. Each verdict follows from the numbers by a stated rule:"
         ]
-        notes += [
-            f"{PAPERS.get(c.system, c.system)}, {c.claim}: {c.rule} (from {c.source})" for c in self.claims
-        ]
+        notes += rule_notes(self.claims)
         notes += [f"{s}: claims unavailable ({why})" for s, why in self.claim_problems.items()]
         return notes
 

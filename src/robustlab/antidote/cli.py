@@ -119,9 +119,13 @@ def demo(
         )
     resolve_data_dir(data_dir)
     quiet_transformers()
-    from robustlab.antidote.tiny import run_demo
+    from robustlab.antidote.reproduce import demo_progress
+    from robustlab.antidote.tiny import demo_config, run_demo
 
-    res = run_demo(out, scale, seed_list, data_dir, workers=workers)
+    cfg = demo_config(scale)
+    cfg.seeds = tuple(seed_list) if seed_list else cfg.seeds
+    with demo_progress(cfg, out):  # a line per finished stage (a bar on a terminal)
+        res = run_demo(out, scale, data_dir=data_dir, cfg=cfg, workers=workers)
     from robustlab.report import markdown_table
 
     typer.echo(markdown_table(res["columns"], res["table"]))
