@@ -202,7 +202,7 @@ class Report:
             "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:.25em .6em;"
             "text-align:right}th{background:#eee}td:first-child{text-align:left}img{max-width:100%}"
-            ".status{font-weight:bold}pre{white-space:pre-wrap}table.claims td{text-align:left}"
+            ".status{font-weight:bold}pre{white-space:pre-wrap}table.claims td,table.claims th{text-align:left}"
             ".verdict{font-weight:bold;white-space:nowrap}.reproduced{background:#d9f2d9}"
             ".not-reproduced{background:#f8d7d7}.not-testable-at-this-scale{background:#eee}</style></head><body>",
             f"<h1>{e(self.title)}</h1>",

@@ -215,17 +215,17 @@ def claims(run: dict | None = None) -> list:
         first = next(iter(next(iter(grids.values())).values()))
         k = [short_number(v) for v in first["K"]]
         scale = (
-            f"standard linear MDP H=5 n=20 A=5 d=8, K {k[0]}–{k[-1]}, {first['seeds']} seeds, exact oracle; "
-            f"last interval K {k[-2]}–{k[-1]}"
+            f"standard linear MDP H=5 n=20 A=5 d=8, K {k[0]}–{k[-1]}, {first['seeds']} seeds, exact oracle"
         )
+        last = f"K {k[-2]}–{k[-1]}"
     else:
-        scale = "no committed regret grid"
+        scale, last = "no committed regret grid", ""
 
     def rate(alg: str) -> tuple[str, str]:
         if not grids or any(alg not in g for g in grids.values()):
             return "no committed run", NOT_TESTABLE
         text = "; ".join(
-            f"{ln}: slope {fmt_ci(*g[alg]['global'])}, last interval {fmt_ci(*g[alg]['last'])}"
+            f"{ln}: slope {fmt_ci(*g[alg]['global'])}, over {last} {fmt_ci(*g[alg]['last'])}"
             for ln, g in grids.items()
         )
         if all(g[alg]["global"][2] <= SQRT_K_TARGET for g in grids.values()):
