@@ -82,9 +82,12 @@ def test_report_opens_with_the_claims_linked_to_their_sections(tmp_path, monkeyp
     assert results["claim_problems"] == {"noclaims": "registers no claims"}
 
 
-def _regret_cells(folder: Path, exponents: dict[str, float], Ks=(1000, 3000, 10000, 30000, 100000)):
+def _regret_cells(
+    folder: Path, losses: str, exponents: dict[str, float], Ks=(1000, 3000, 10000, 30000, 100000)
+):
     rng = np.random.default_rng(1)
     (folder / "cells").mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"instance: standard\nlosses: {losses}\n")
     for alg, p in exponents.items():
         for K in Ks:
             regret = (2.0 * K**p * (1 + 0.01 * rng.standard_normal(10))).tolist()
@@ -97,14 +100,15 @@ def test_advmdp_verdicts_follow_the_slopes_of_known_power_laws(tmp_path, monkeyp
 
     monkeypatch.setattr(cl, "results_dir", lambda system: tmp_path / system)
     for ln in ("stochastic", "switching"):
-        _regret_cells(
-            tmp_path / "advmdp" / f"regret-standard-{ln}", {"alg1": 0.9, "alg2": 0.5, "luo21": 2 / 3}
-        )
+        exponents = {"alg1": 0.9, "alg2": 0.5, "luo21": 2 / 3}
+        _regret_cells(tmp_path / "advmdp" / "sweep" / f"standard-{ln}", ln, exponents)
     rows = {c.claim.split(" (")[0]: c for c in claims()}
     assert rows["Alg 2"].verdict == cl.REPRODUCED and "slope 0.50" in rows["Alg 2"].ours
     assert rows["Alg 1"].verdict == cl.NOT_REPRODUCED and "slope 0.90" in rows["Alg 1"].ours
     assert rows["Regret grows more slowly than Luo et al. 2021's"].verdict == cl.REPRODUCED
     assert "100k" in rows["Alg 2"].scale and "10 seeds" in rows["Alg 2"].scale
+    assert "over K 10k–100k 0.49" in rows["Alg 2"].ours  # the last decade
+    assert rows["Alg 2"].source.startswith("results/advmdp/sweep/standard-stochastic/cells")
 
 
 def test_every_registered_claim_is_well_formed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -102,3 +103,16 @@ def test_on_a_terminal_stage_lines_print_above_the_bar():
         st.advance()
     text = out.getvalue()
     assert text.count("fedld: fedavg seed 0 done (1/2 rounds, ") == 1
+
+
+def test_the_cli_is_quiet_by_default_and_verbose_on_request(monkeypatch, capsys):
+    from robustlab.cli import main
+
+    monkeypatch.setenv("ROBUSTLAB_QUIET", "")  # restored after the test, like PYTHONWARNINGS below
+    monkeypatch.setenv("PYTHONWARNINGS", "")
+    monkeypatch.delenv("PYTHONWARNINGS")
+    assert main(["reproduce", "--only", "bogus"]) == 2
+    assert os.environ["ROBUSTLAB_QUIET"] == "1" and "ignore::FutureWarning" in os.environ["PYTHONWARNINGS"]
+    assert main(["--verbose", "reproduce", "--only", "bogus"]) == 2
+    assert "ROBUSTLAB_QUIET" not in os.environ and "PYTHONWARNINGS" not in os.environ
+    capsys.readouterr()

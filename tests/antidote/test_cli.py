@@ -100,7 +100,9 @@ def test_missing_files(capsys, models, tmp_path):
         realign_args(models, tmp_path / "o", **{"--adapter": str(tmp_path / "noadapter")}),
         "does not exist",
     )
-    one_line_error(capsys, ["antidote", "pipeline", "--config", str(tmp_path / "none.yaml")], "does not exist")
+    one_line_error(
+        capsys, ["antidote", "pipeline", "--config", str(tmp_path / "none.yaml")], "does not exist"
+    )
     assert not (tmp_path / "o").exists()
 
 
