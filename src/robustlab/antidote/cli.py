@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from robustlab.antidote.runtime import Runtime, device_map_option, device_option, dtype_option
 from robustlab.errors import UserError
 
 app = typer.Typer(
@@ -34,9 +35,15 @@ def quiet_transformers() -> None:
 
 @app.command()
 def realign(
-    base: str = typer.Option(..., "--base", help="Base model: a local folder or a hub id (online)."),
-    adapter: Path = typer.Option(None, "--adapter", help="The fine-tuning LoRA adapter to re-align."),
-    align_adapter: Path = typer.Option(
+    base: str = typer.Option(
+        ...,
+        "--base",
+        help="Base model: a local folder, a hub id (online), a .gguf file, or a built-in name (see `models`).",
+    ),
+    adapter: str = typer.Option(
+        None, "--adapter", help="The fine-tuning LoRA adapter to re-align (a folder or a hub id)."
+    ),
+    align_adapter: str = typer.Option(
         None, "--align-adapter", help="An alignment LoRA adapter, merged into the base first."
     ),
     calibration: Path = typer.Option(
@@ -53,18 +60,19 @@ def realign(
     limit: int = typer.Option(None, "--limit", help="Use only the first N calibration rows."),
     seed: int = typer.Option(0, "--seed"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """Re-align a fine-tuned model: Wanda scores on the harmful calibration set, zero the top α per row."""
     from robustlab.antidote.realign import validate_mask_ratio
 
+    runtime = Runtime.resolve(device, dtype, device_map)
     validate_mask_ratio(mask_ratio)
     if not calibration.is_file():
         raise UserError(
             f"calibration file {calibration} does not exist", "pass a JSONL file to --calibration"
         )
-    for flag, p in (("--adapter", adapter), ("--align-adapter", align_adapter)):
-        if p is not None and not p.exists():
-            raise UserError(f"{flag} {p} does not exist", f"pass an existing adapter folder to {flag}")
     tgt: str | list[str] = targets
     if "," in targets:
         tgt = [t.strip() for t in targets.split(",") if t.strip()]
@@ -73,8 +81,8 @@ def realign(
 
     summary = realign_from_paths(
         base,
-        str(adapter) if adapter else None,
-        str(align_adapter) if align_adapter else None,
+        adapter,
+        align_adapter,
         calibration,
         mask_ratio,
         out,
@@ -84,12 +92,25 @@ def realign(
         seed=seed,
         method=method,
         limit=limit,
+        runtime=runtime,
         trust_remote_code=trust_remote_code,
+        log=lambda line: typer.echo(line, err=True),
     )
     typer.echo(
         f"zeroed {summary.get('zeroed')} of {summary.get('params')} target weights "
         f"({100 * summary.get('zeroed_fraction', 0):.2f}%) in {summary.get('modules')} modules; saved to {out}"
     )
+
+
+@app.command()
+def models() -> None:
+    """The built-in offline models: licence, whether each is installed and cached, how to install it."""
+    from robustlab.antidote.sources import cache_dir, model_table
+    from robustlab.report import markdown_table
+
+    columns, rows = model_table()
+    typer.echo(markdown_table(columns, rows))
+    typer.echo(f"cache folder: {cache_dir()} (set ROBUSTLAB_CACHE to move it)")
 
 
 @app.command()

@@ -5,10 +5,15 @@ the *alignment* LoRA adapter is loaded on the base model and merged (``merge_and
 *fine-tuning* adapter is then loaded on top, unmerged, so that re-alignment prunes only its A and B matrices.
 A fully fine-tuned model is just ``base`` with no adapters.
 
-Inputs are checked before anything heavy happens: missing folders or files, weights not in safetensors,
-an adapter whose ``base_model_name_or_path`` or tensor shapes do not fit the base, and hub ids while
-offline all raise :class:`~robustlab.errors.UserError`. Weights load through safetensors only, and
-``trust_remote_code`` stays off unless the caller passes it.
+A base model is a local Hugging Face folder, a hub id (online), a ``.gguf`` file or a built-in offline name
+(``smollm2-135m-instruct``, ``gemma3-270m``); see :mod:`robustlab.antidote.sources`. An adapter is a local
+folder or a hub id. Where and in which precision the model runs is a :class:`~robustlab.antidote.runtime.Runtime`.
+
+Inputs are checked before anything heavy happens: missing folders or files, base weights not in
+safetensors, an adapter whose ``base_model_name_or_path`` or tensor shapes do not fit the base, and hub ids
+while offline all raise :class:`~robustlab.errors.UserError`. Base weights load through safetensors only;
+an adapter saved as ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` (tensors only, no
+pickled code) and handed to peft as safetensors. ``trust_remote_code`` stays off unless the caller passes it.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from robustlab.antidote.runtime import Runtime
+from robustlab.antidote.sources import BUILTIN_MODELS, resolve_base
 from robustlab.errors import UserError
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "load_model",
     "read_calibration_file",
     "realign_from_paths",
+    "resolve_adapter",
 ]
 
 #: The official Alpaca "no input" template (``utils.py`` PROMPT_DICT, with the trailing newline after
@@ -42,8 +51,6 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
-_DTYPES |= {"bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "auto": "auto"}
 
 
 # --------------------------------------------------------------------------- checks
@@ -59,20 +66,6 @@ def _offline() -> bool:
         return bool(constants.HF_HUB_OFFLINE)
     except Exception:  # pragma: no cover
         return False
-
-
-def _local_dir(name: str | os.PathLike) -> Path | None:
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise UserError(f"{p} is a file, not a model folder", "pass the folder that holds config.json")
-        return p
-    text = str(name)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/") or not text.strip():
-        raise UserError(
-            f"model folder {text} does not exist", "check the path (or pass a hub id like org/name)"
-        )
-    return None  # a hub id such as "meta-llama/Llama-2-7b-hf" or "gpt2"
 
 
 def _check_base_dir(path: Path) -> None:
@@ -94,6 +87,46 @@ def _check_base_dir(path: Path) -> None:
         )
 
 
+#: Files of an adapter repository worth downloading (weights, config, a tokenizer saved beside it).
+_ADAPTER_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+    "*.model",
+]
+
+
+def resolve_adapter(adapter: str | os.PathLike, role: str = "fine-tuning") -> Path:
+    """A local adapter folder, or the local snapshot of a hub id ``org/name`` (adapter files only; from the
+    local cache when offline). A path that does not exist is returned as is, for
+    :func:`_read_adapter_config` to report."""
+    text = str(adapter)
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or text.endswith("/"):
+        return path
+    from huggingface_hub import snapshot_download
+
+    offline = _offline()
+    try:
+        return Path(snapshot_download(text, allow_patterns=_ADAPTER_FILES, local_files_only=offline))
+    except Exception as exc:  # the hub raises many kinds (offline, 404, gated, network)
+        where = "in the local hub cache (offline mode is on)" if offline else "locally or on the hub"
+        raise UserError(
+            f"{role} adapter {text} is not a folder, and no hub repo of that id was found {where}",
+            "pass the folder peft's save_pretrained wrote, or a reachable hub id",
+        ) from exc
+
+
+def _adapter_weights(path: Path) -> Path | None:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
 def _read_adapter_config(path: Path, role: str) -> dict:
     if not path.exists():
         raise UserError(f"{role} adapter folder {path} does not exist", "check the path")
@@ -107,15 +140,10 @@ def _read_adapter_config(path: Path, role: str) -> dict:
             f"{role} adapter {path} has no adapter_config.json",
             "pass the folder peft's save_pretrained wrote",
         )
-    if not (path / "adapter_model.safetensors").is_file():
-        extra = (
-            " (only a pickled adapter_model.bin is there; convert it to safetensors)"
-            if (path / "adapter_model.bin").exists()
-            else ""
-        )
+    if _adapter_weights(path) is None:
         raise UserError(
-            f"{role} adapter {path} has no adapter_model.safetensors{extra}",
-            "save the adapter with safe_serialization=True",
+            f"{role} adapter {path} has no adapter_model.safetensors (or adapter_model.bin)",
+            "pass the folder peft's save_pretrained wrote",
         )
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -126,6 +154,54 @@ def _read_adapter_config(path: Path, role: str) -> dict:
             f"{role} adapter {path} is a {cfg.get('peft_type')} adapter, not LoRA", "pass a LoRA adapter"
         )
     return cfg
+
+
+def _load_bin(path: Path) -> dict[str, Any]:
+    """An ``adapter_model.bin`` through ``torch.load(weights_only=True)``: tensors only, no pickled code."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise UserError(
+            f"{path} is not a plain tensor state dict ({str(exc).splitlines()[0][:160]})",
+            "save the adapter as safetensors (save_pretrained(..., safe_serialization=True))",
+        ) from exc
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors", "re-save the adapter")
+    return state
+
+
+def _adapter_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    weights = _adapter_weights(path)
+    assert weights is not None  # _read_adapter_config checked it
+    if weights.suffix == ".bin":
+        return {k: tuple(v.shape) for k, v in _load_bin(weights).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a mapping
+
+
+@contextlib.contextmanager
+def _safetensors_adapter(path: Path) -> Iterator[Path]:
+    """``path`` itself when it holds safetensors; else a temporary copy whose weights were read with
+    ``torch.load(weights_only=True)`` and written as safetensors, so peft never unpickles anything."""
+    weights = _adapter_weights(path)
+    if weights is None or weights.suffix != ".bin":
+        yield path
+        return
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="robustlab-adapter-") as tmp:
+        shutil.copy(path / "adapter_config.json", Path(tmp) / "adapter_config.json")
+        state = {k: v.contiguous() for k, v in _load_bin(weights).items()}
+        save_file(state, str(Path(tmp) / "adapter_model.safetensors"))
+        yield Path(tmp)
 
 
 def _same_model_name(a: str, b: str) -> bool:
@@ -161,62 +237,50 @@ _LORA_KEY = re.compile(
 
 
 def check_adapter(
-    model: Any, adapter: str | os.PathLike, base_name: str | None = None, role: str = "fine-tuning"
+    model: Any,
+    adapter: str | os.PathLike,
+    base_name: str | Sequence[str] | None = None,
+    role: str = "fine-tuning",
 ) -> dict:
     """Check that the LoRA adapter folder fits ``model`` (a transformers model, alignment adapter merged).
 
-    ``base_model_name_or_path`` must name the same model as ``base_name`` (same string, same folder, or the
-    same last path component, e.g. a hub id and a local copy of it), and every ``lora_A``/``lora_B`` tensor
-    must fit the module it adapts. Returns the adapter config; raises :class:`UserError` otherwise.
+    ``base_model_name_or_path`` must name the same model as ``base_name`` (or one of several names of the
+    base: same string, same folder, or the same last path component, e.g. a hub id and a local copy of it),
+    and every ``lora_A``/``lora_B`` tensor must fit the module it adapts. Returns the adapter config; raises
+    :class:`UserError` otherwise.
     """
-    from safetensors import safe_open
-
     path = Path(adapter).expanduser()
     cfg = _read_adapter_config(path, role)
     recorded = cfg.get("base_model_name_or_path")
-    if base_name is not None and recorded and not _same_model_name(str(recorded), str(base_name)):
+    names = [base_name] if isinstance(base_name, (str, os.PathLike)) else list(base_name or [])
+    if names and recorded and not any(_same_model_name(str(recorded), str(n)) for n in names):
         raise UserError(
-            f"the {role} adapter {path} was trained on {recorded}, not on {base_name}",
+            f"the {role} adapter {path} was trained on {recorded}, not on {names[0]}",
             "pass the base model the adapter was trained on (or fix base_model_name_or_path in adapter_config.json if it is the same model under another path)",
         )
     modules = dict(model.named_modules())
-    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-            m = _LORA_KEY.match(key)
-            if not m:
-                continue
-            target, part = m.group(1), m.group(2)
-            module = modules.get(target)
-            if module is None:
-                raise UserError(
-                    f"the {role} adapter {path} adapts {target}, which the base model does not have",
-                    "pass the base model the adapter was trained on",
-                )
-            dims = _layer_dims(module)
-            shape = tuple(f.get_slice(key).get_shape())
-            if dims is None or len(shape) != 2:
-                continue
-            in_f, out_f = dims
-            ok = shape[1] == in_f if part == "A" else shape[0] == out_f if part == "B" else True
-            if not ok:
-                raise UserError(
-                    f"the {role} adapter {path} does not fit the base model: {key} has shape {shape} but {target} is {in_f}->{out_f}",
-                    "pass the base model the adapter was trained on",
-                )
+    for key, shape in _adapter_shapes(path).items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            continue
+        target, part = m.group(1), m.group(2)
+        module = modules.get(target)
+        if module is None:
+            raise UserError(
+                f"the {role} adapter {path} adapts {target}, which the base model does not have",
+                "pass the base model the adapter was trained on",
+            )
+        dims = _layer_dims(module)
+        if dims is None or len(shape) != 2:
+            continue
+        in_f, out_f = dims
+        ok = shape[1] == in_f if part == "A" else shape[0] == out_f if part == "B" else True
+        if not ok:
+            raise UserError(
+                f"the {role} adapter {path} does not fit the base model: {key} has shape {shape} but {target} is {in_f}->{out_f}",
+                "pass the base model the adapter was trained on",
+            )
     return cfg
-
-
-def _resolve_dtype(dtype: Any) -> Any:
-    import torch
-
-    if dtype is None:
-        return torch.float32  # the official code loads fp32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPES.get(str(dtype).lower())
-    if name is None:
-        raise UserError(f"unknown dtype {dtype!r}", f"use one of {', '.join(sorted(_DTYPES))}")
-    return name if name == "auto" else getattr(torch, name)
 
 
 # --------------------------------------------------------------------------- loading
@@ -237,53 +301,56 @@ def load_model(
     align_adapter: str | os.PathLike | None = None,
     adapter: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
-    dtype: Any = None,
-    device: Any = None,
+    runtime: Runtime | None = None,
+    log: Any = None,
 ) -> tuple[Any, Any]:
-    """Load ``base`` (a local folder, or a hub id when online), merge ``align_adapter`` into it, and load the
-    fine-tuning ``adapter`` on top (unmerged). Returns ``(model, tokenizer)`` with the model in eval mode.
+    """Load ``base``, merge ``align_adapter`` into it, and load the fine-tuning ``adapter`` on top
+    (unmerged). Returns ``(model, tokenizer)`` with the model in eval mode, on ``runtime``'s device (or
+    spread by its device map) in its dtype; ``runtime`` defaults to ``Runtime.resolve()`` (``auto``).
 
-    The tokenizer comes from the fine-tuning adapter folder when it holds one, else the alignment adapter
-    folder, else the base. ``dtype`` defaults to float32 (as the official code); weights load through
-    safetensors only; ``trust_remote_code`` is passed through and defaults to off.
+    ``base`` is a local folder, a hub id (online), a ``.gguf`` file or a built-in name
+    (:data:`~robustlab.antidote.sources.BUILTIN_MODELS`; GGUF checkpoints are dequantised into the cache
+    once, announced through ``log``). Adapters are local folders or hub ids. The tokenizer comes from the
+    fine-tuning adapter folder when it holds one, else the alignment adapter folder, else the base. Base
+    weights load through safetensors only; ``trust_remote_code`` is passed through and defaults to off.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
-    local = _local_dir(base)
-    offline = _offline()
-    if local is not None:
-        _check_base_dir(local)
-        source = str(local)
-    else:
-        source = str(base)
-    align_path = Path(align_adapter).expanduser() if align_adapter else None
-    adapter_path = Path(adapter).expanduser() if adapter else None
+    runtime = runtime or Runtime.resolve()
+    align_path = resolve_adapter(align_adapter, "alignment") if align_adapter else None
+    adapter_path = resolve_adapter(adapter, "fine-tuning") if adapter else None
     if align_path is not None:
         _read_adapter_config(align_path, "alignment")
     if adapter_path is not None:
         _read_adapter_config(adapter_path, "fine-tuning")
+    resolved = resolve_base(base, log=log)
+    source = resolved.source
+    names = (*resolved.names, source)
+    if resolved.local:
+        _check_base_dir(Path(source))
+    offline = _offline()
 
     hub_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if local is None and offline:
+    if not resolved.local and offline:
         hub_kwargs["local_files_only"] = True
     try:
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError) as exc:
-        if local is None:
+        if not resolved.local:
             where = (
                 "in the local cache (offline mode is on)" if offline else "locally or on the Hugging Face hub"
             )
             raise UserError(
                 f"cannot find model {source} {where}",
-                "pass a local folder written by save_pretrained, or go online so the hub id can be downloaded",
+                "pass a local folder written by save_pretrained, a .gguf file, a built-in name "
+                f"({', '.join(BUILTIN_MODELS)}), or go online so the hub id can be downloaded",
             ) from exc
         raise UserError(
             f"cannot read the model config in {source} ({exc})", "pass a valid model folder"
         ) from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=torch_dtype, use_safetensors=True, **hub_kwargs
+            source, config=config, use_safetensors=True, **runtime.load_kwargs(), **hub_kwargs
         )
     except (OSError, ValueError) as exc:
         raise UserError(
@@ -294,18 +361,17 @@ def load_model(
     if align_path is not None:
         from peft import PeftModel
 
-        check_adapter(model, align_path, source, role="alignment")
-        with _quiet_warnings():
-            model = PeftModel.from_pretrained(model, str(align_path), adapter_name="alignment")
+        check_adapter(model, align_path, names, role="alignment")
+        with _quiet_warnings(), _safetensors_adapter(align_path) as folder:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name="alignment")
         model = model.merge_and_unload()
     if adapter_path is not None:
         from peft import PeftModel
 
-        check_adapter(model, adapter_path, source, role="fine-tuning")
-        with _quiet_warnings():
-            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
-    if device is not None:
-        model = model.to(device)
+        check_adapter(model, adapter_path, names, role="fine-tuning")
+        with _quiet_warnings(), _safetensors_adapter(adapter_path) as folder:
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    model = runtime.place(model)
     model.eval()
 
     tokenizer = None
@@ -394,17 +460,19 @@ def realign_from_paths(
     seed: int = 0,
     method: str = "wanda",
     limit: int | None = None,
-    dtype: Any = None,
-    device: Any = None,
+    runtime: Runtime | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    log: Any = None,
 ) -> dict[str, Any]:
     """Load -> calibration set from a JSONL file (official template) -> :func:`realign` -> save, into ``out``.
 
     Every input is checked before ``out`` is created: nothing is written when anything is wrong. ``out``
     receives the pruned adapter (or full model when ``adapter`` is None), the tokenizer,
     ``realign_mask.safetensors`` and ``realign.json``. Returns the summary written to ``realign.json``.
+    ``runtime`` (default ``auto``) says where the model runs; ``log`` receives one-line notes (the one-time
+    dequantisation of a GGUF base).
     """
     import torch
 
@@ -430,6 +498,7 @@ def realign_from_paths(
             f"output folder {out_path} already exists and is not empty", "pick a new --out folder"
         )
     rows = read_calibration_file(calibration_file, limit=limit)
+    runtime = runtime or Runtime.resolve()
     seed_everything(seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(
@@ -437,8 +506,8 @@ def realign_from_paths(
         align_adapter=align_adapter,
         adapter=adapter,
         trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        device=device,
+        runtime=runtime,
+        log=log,
     )
     chosen = resolve_targets(model, targets)
     if adapter is not None:
@@ -474,6 +543,7 @@ def realign_from_paths(
             else "this folder is the full re-aligned model"
         ),
         "dtype": str(next(iter(chosen.values())).weight.dtype).replace("torch.", ""),
+        "runtime": runtime.describe(),
     }
     with torch.no_grad():
         save_realigned(model, result, out_path, calibration_digest=digest, tokenizer=tokenizer, extra=extra)

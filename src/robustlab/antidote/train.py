@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from robustlab.antidote.runtime import Runtime
 from robustlab.errors import UserError
 
 IGNORE_INDEX = -100
@@ -43,6 +44,8 @@ class TrainConfig:
     max_grad_norm: float | None = None
     max_steps: int | None = None
     seed: int = 0
+    #: recompute activations in the backward pass: less memory for long sequences, about a third more time
+    gradient_checkpointing: bool = False
 
     def validate(self) -> TrainConfig:
         if self.mode not in ("lora", "full"):
@@ -195,14 +198,21 @@ def train(
     step_hook: Callable[[int, Any, dict], None] | None = None,
     log: Callable[..., None] | None = None,
     log_every: int = 10,
+    runtime: Runtime | None = None,
 ) -> tuple[Any, TrainResult]:
     """Train ``model`` on ``examples`` (objects with ``.prompt`` and ``.output``) and return
     ``(model, result)``. With ``mode="lora"`` a new adapter is added first and the returned model is the
     ``PeftModel``; with ``mode="full"`` every parameter is trained in place.
 
+    ``runtime`` places the model (unless a device map did) and sets the precision: every batch goes to the
+    model's input device, and for bfloat16/float16 the forward pass runs under ``torch.autocast`` (a new
+    LoRA adapter stays float32, peft's default, so the optimiser updates full-precision weights; float16 on
+    CUDA adds loss scaling). Without ``runtime`` the model stays where it is, in its dtype.
+
     Deterministic for a seed on CPU: the batch order comes from ``random.Random(seed)``, LoRA init from
     ``torch.manual_seed(seed)``.
     """
+    import contextlib
     import time
 
     import torch
@@ -210,6 +220,18 @@ def train(
     config.validate()
     if not examples:
         raise UserError("the training set is empty", "pass at least one example")
+    if runtime is not None:
+        model = runtime.place(model)
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(
+                f"{type(model).__name__} does not support gradient checkpointing",
+                "set gradient_checkpointing: false",
+            )
+        # non-reentrant: gradients reach a LoRA adapter although the frozen embeddings need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast = runtime.autocast if runtime is not None else contextlib.nullcontext
+    scaler = runtime.grad_scaler() if runtime is not None else None
     if config.mode == "lora":
         model = add_lora(model, config)
     else:
@@ -232,6 +254,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(config.schedule, int(config.warmup_ratio * total), total)
     )
+    device = (runtime or Runtime.cpu()).input_device(model)
     rng = random.Random(config.seed)
     result = TrainResult()
     start = time.perf_counter()
@@ -243,12 +266,22 @@ def train(
             if step >= total:
                 break
             batch = collate([feats[i] for i in order[b : b + config.batch_size]], pad)
-            loss = loss_fn(model, batch)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                loss = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             sched.step()
             if step_hook is not None:
                 step_hook(step, model, batch)
@@ -259,6 +292,8 @@ def train(
                 log(step=step, loss=sum(result.losses[-log_every:]) / len(result.losses[-log_every:]))
     result.steps = step
     result.seconds = time.perf_counter() - start
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
     model.eval()
     return model, result
 
