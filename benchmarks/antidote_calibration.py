@@ -209,9 +209,28 @@ def memory_probe(args) -> dict:
     return out
 
 
+def table(r: dict) -> str:
+    """The README's row of one result file (also ``python benchmarks/antidote_calibration.py --table F``)."""
+    rt, cal, sec, mem = r["runtime"], r["calibration"], r["seconds"], r["memory"]
+    where = rt.get("gpu") or f"{r['cpu_count']} CPU cores, {r['torch_threads']} threads"
+    fp = r["masks_differing"]
+    low = next(k for k in fp if k != "float64")
+    rows = [
+        "| device, dtype | calibration | batch size 1 | batched realign | plain forward | speedup | realign / forward | masks differing | peak / weights (realign; plain forward) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {where}, {rt['dtype']} | {cal['samples']} pairs, {cal['tokens']} tokens, bs {r['batch_size']} "
+        f"| {sec['batch_size_1']:.1f} s | {sec['realign_batched']:.1f} s | {sec['plain_forward']:.1f} s "
+        f"| **{r['speedup_vs_batch_size_1']:.2f}x** | **{r['realign_over_plain_forward']:.2f}x** "
+        f"| {low}: {', '.join(f'{v} at {k}' for k, v in fp[low].items())}; float64 ({r['exact_samples']} pairs): "
+        f"{', '.join(f'{v} at {k}' for k, v in fp['float64'].items())} "
+        f"| **{mem['realign']['peak_over_weights']:.2f}**; {mem['plain_forward']['peak_over_weights']:.2f} |",
+    ]
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="folder for the result JSON and its table (required unless --table)")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -225,7 +244,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--table", default=None, help="print the README table of a result file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    if not args.out:
+        ap.error("--out is required")
     if args.memory_probe:
         print(json.dumps(memory_probe(args)))
         return
@@ -325,6 +350,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"antidote_calibration_{runtime.torch_device.type}.json"
     path.write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text(table(result) + "\n")
     print(
         f"speedup {result['speedup_vs_batch_size_1']:.2f}x; realign/plain forward "
         f"{result['realign_over_plain_forward']:.2f}x; peak/weights {memory['realign']['peak_over_weights']:.2f}; "

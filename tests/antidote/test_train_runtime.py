@@ -82,3 +82,22 @@ def test_gradient_checkpointing_on_a_model_without_it_is_a_user_error(tok):
 
     with pytest.raises(UserError, match="gradient checkpointing"):
         train(Plain(), tok, EXAMPLES, config(mode="full", gradient_checkpointing=True))
+
+
+def test_evaluation_under_a_bfloat16_runtime_stays_close_to_float32(tok):
+    """NLLs read from a bf16-autocast forward agree with float32 to bf16 precision; generation runs and
+    returns one answer per prompt in the input order."""
+    from robustlab.antidote.evaluate import answer_token_nlls, generate
+
+    trained, _ = train(model(tok), tok, EXAMPLES, config())
+    prompts, answers = [e.prompt for e in EXAMPLES[:4]], [e.output for e in EXAMPLES[:4]]
+    fp32 = answer_token_nlls(trained, tok, prompts, answers, runtime=Runtime.cpu())
+    bf16 = answer_token_nlls(trained, tok, prompts, answers, runtime=Runtime.resolve("cpu", "bfloat16"))
+    assert [len(a) for a in fp32] == [len(b) for b in bf16]
+    flat32, flat16 = (torch.tensor([x for row in rows for x in row]) for rows in (fp32, bf16))
+    assert flat16.dtype == torch.float32 and not torch.equal(flat32, flat16)  # really computed in bf16
+    torch.testing.assert_close(flat16, flat32, rtol=0.05, atol=0.05)
+    out = generate(trained, tok, prompts, max_new_tokens=4, runtime=Runtime.resolve("cpu", "bf16"))
+    assert len(out) == 4 and out == generate(
+        trained, tok, prompts, max_new_tokens=4, runtime=Runtime.resolve("cpu", "bf16")
+    )

@@ -18,11 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from robustlab.antidote.data import REFUSAL, Example, label_match
+from robustlab.antidote.runtime import Runtime
 from robustlab.antidote.train import IGNORE_INDEX, encode_example, encode_prompt, pad_id
-
-
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
 
 
 def generate(
@@ -32,10 +29,13 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     max_prompt: int = 192,
+    runtime: Runtime | None = None,
 ) -> list[str]:
     """Greedy answers for ``prompts``, batched with left padding (the answer only, special tokens dropped).
 
-    Prompts are sorted by length so batches pad little; the answers come back in the input order.
+    Prompts are sorted by length so batches pad little; the answers come back in the input order. Inputs
+    go to the model's input device (the embedding's, under a device map); with a bfloat16/float16
+    ``runtime`` decoding runs under autocast (float32 adapter weights beside a low-precision base).
     """
     import torch
 
@@ -45,7 +45,8 @@ def generate(
     encoded = [encode_prompt(tokenizer, p, max_prompt) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
-    dev = _device(model)
+    rt = runtime or Runtime.cpu()
+    dev = rt.input_device(model)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -58,15 +59,16 @@ def generate(
                 x = encoded[i]
                 ids[row, width - len(x) :] = torch.tensor(x)
                 mask[row, width - len(x) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            with rt.autocast():
+                gen = model.generate(
+                    input_ids=ids.to(dev),
+                    attention_mask=mask.to(dev),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
@@ -96,15 +98,18 @@ def answer_token_nlls(
     answers: Sequence[str],
     max_length: int = 256,
     batch_size: int = 16,
+    runtime: Runtime | None = None,
 ) -> list[list[float]]:
     """Per example, the NLL (nats) of each token of ``answer`` + EOS given ``prompt``, as in training.
-    One forward pass per batch; every per-token measure below is read from these."""
+    One forward pass per batch (under ``runtime``'s autocast; the NLL itself in float32); every per-token
+    measure below is read from these."""
     import torch
     import torch.nn.functional as F
 
     feats = [encode_example(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
     pad = pad_id(tokenizer)
-    dev = _device(model)
+    rt = runtime or Runtime.cpu()
+    dev = rt.input_device(model)
     result: list[list[float]] = []
     was_training = model.training
     model.eval()
@@ -119,8 +124,9 @@ def answer_token_nlls(
                 ids[i, : len(x)] = torch.tensor(x)
                 labels[i, : len(y)] = torch.tensor(y)
                 mask[i, : len(x)] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-            lab = labels[:, 1:].to(dev)
+            with rt.autocast():
+                logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
+            lab = labels[:, 1:].to(logits.device)
             tok = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)),
                 lab.reshape(-1),
@@ -145,10 +151,11 @@ def answer_nll(
     max_length: int = 256,
     batch_size: int = 16,
     first_tokens: int | None = None,
+    runtime: Runtime | None = None,
 ) -> list[float]:
     """Per-example mean NLL (nats per token) of ``answer`` + EOS given ``prompt``, as in training.
     With ``first_tokens=k`` only the answer's first ``k`` tokens count."""
-    rows = answer_token_nlls(model, tokenizer, prompts, answers, max_length, batch_size)
+    rows = answer_token_nlls(model, tokenizer, prompts, answers, max_length, batch_size, runtime)
     return [_mean(r[:first_tokens] if first_tokens is not None else r) for r in rows]
 
 
@@ -176,6 +183,7 @@ def likelihood_measures(
     max_length: int = 256,
     batch_size: int = 16,
     start_tokens: int | None = 3,
+    runtime: Runtime | None = None,
 ) -> LikelihoodMeasures:
     """Mean NLL of the held-out harmful answers, mean NLL of ``refusal`` on the same prompts, and the percent
     of prompts where the refusal is more likely per token than the harmful answer.
@@ -188,9 +196,9 @@ def likelihood_measures(
     prompts = [e.prompt for e in heldout]
     n = len(prompts)
     harm_tok = answer_token_nlls(
-        model, tokenizer, prompts, [e.output for e in heldout], max_length, batch_size
+        model, tokenizer, prompts, [e.output for e in heldout], max_length, batch_size, runtime
     )
-    ref_tok = answer_token_nlls(model, tokenizer, prompts, [refusal] * n, max_length, batch_size)
+    ref_tok = answer_token_nlls(model, tokenizer, prompts, [refusal] * n, max_length, batch_size, runtime)
     harm, ref = [_mean(r) for r in harm_tok], [_mean(r) for r in ref_tok]
     start = None
     if start_tokens:
@@ -224,28 +232,37 @@ def evaluate_model(
     judges: dict[str, Any],
     settings: EvalSettings | None = None,
     keep_outputs: int = 5,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """All measures of one model: ``hs_<judge>`` per judge, ``fa``, the likelihood measures, and a few
-    sample answers for inspection."""
+    sample answers for inspection. ``runtime`` sets where inputs go and the autocast precision."""
     s = settings or EvalSettings()
     metrics: dict[str, Any] = {}
     if eval_harmful:
         prompts = [e.prompt for e in eval_harmful]
-        answers = generate(model, tokenizer, prompts, s.max_new_tokens_harmful, s.batch_size, s.max_prompt)
+        answers = generate(
+            model, tokenizer, prompts, s.max_new_tokens_harmful, s.batch_size, s.max_prompt, runtime
+        )
         raw = [e.instruction for e in eval_harmful]
         for name, judge in judges.items():
             metrics[f"hs_{name}"] = harmful_score(judge, raw, answers)
         metrics["samples_harmful"] = [[raw[i], answers[i]] for i in range(min(keep_outputs, len(raw)))]
     if eval_task:
         outs = generate(
-            model, tokenizer, [e.prompt for e in eval_task], s.max_new_tokens_task, s.batch_size, s.max_prompt
+            model,
+            tokenizer,
+            [e.prompt for e in eval_task],
+            s.max_new_tokens_task,
+            s.batch_size,
+            s.max_prompt,
+            runtime,
         )
         metrics["fa"] = finetune_accuracy(task, outs, eval_task)
         metrics["samples_task"] = [[eval_task[i].label, outs[i]] for i in range(min(keep_outputs, len(outs)))]
     if heldout:
         metrics.update(
             likelihood_measures(
-                model, tokenizer, heldout, max_length=s.max_length, batch_size=s.batch_size
+                model, tokenizer, heldout, max_length=s.max_length, batch_size=s.batch_size, runtime=runtime
             ).as_dict()
         )
     return metrics
