@@ -12,7 +12,7 @@ import pytest
 
 from robustlab.cli import build_command, main, path_role
 from robustlab.errors import UserError
-from robustlab.paths import check_input_path, check_output_dir
+from robustlab.paths import check_input_path, check_output_dir, check_output_file
 
 
 def _leaves(cmd: click.Command, path: tuple[str, ...] = ()):
@@ -57,6 +57,8 @@ def _bad_values(role: str, kind: str, tmp: Path) -> list[str]:
             str(tmp / ("n" * 300)),  # a name longer than any filesystem allows
             str(tmp / "bad\0name"),
         ]
+    if role == "output file":
+        return ["/proc/robustlab-nope/plot.png", str(tmp), str(a_file / "plot.png"), str(tmp / "bad\0name")]
     bad = [str(tmp / "missing"), str(tmp / "bad\0name")]
     if kind == "file":
         bad.append(str(tmp))
@@ -86,6 +88,14 @@ def test_bad_path_is_one_line_exit_2_nothing_written(
         assert len(lines) == 1 and lines[0].startswith(f"error: {flag} "), (bad, err)
         assert "Traceback" not in err
         assert _tree(tmp_path) == before, bad
+
+
+def test_output_files_need_not_exist(tmp_path, capsys):
+    """A plot path is written, not read: a new file in a new folder passes the check."""
+    roles = {(c, f): r for c, f, r, _ in PATH_OPTIONS}
+    assert roles[(("advmdp", "sweep-report"), "--plot")] == "output file"
+    assert check_output_file(tmp_path / "new" / "plot.png", "--plot") == tmp_path / "new" / "plot.png"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_checks_leave_nothing_behind(tmp_path):

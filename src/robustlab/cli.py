@@ -14,7 +14,7 @@ import typer
 from robustlab import __version__
 from robustlab.console import quiet_upstream
 from robustlab.errors import UserError
-from robustlab.paths import check_input_path, check_output_dir
+from robustlab.paths import check_input_path, check_output_dir, check_output_file
 from robustlab.reproduce import SYSTEMS, parse_only, run_reproduce
 
 app = typer.Typer(
@@ -84,6 +84,9 @@ _mount_systems()
 # ``out`` (and not declared ``exists=True``); every other ``Path`` option must exist (a file when declared
 # ``dir_okay=False``, a folder when declared ``file_okay=False`` or named ``*_dir``).
 OUTPUT_NAMES = frozenset({"out"})
+# An *output file* (overwritten; its folder must be creatable and writable): declared ``writable=True,
+# dir_okay=False``, or named like one of these.
+OUTPUT_FILE_NAMES = frozenset({"plot", "figure"})
 
 
 class CheckedPath(click.ParamType):
@@ -105,6 +108,8 @@ class CheckedPath(click.ParamType):
         flag = max(param.opts, key=len) if param is not None and param.opts else "path"
         if self.role == "output":
             check_output_dir(value, flag)
+        elif self.role == "output file":
+            check_output_file(value, flag)
         else:
             check_input_path(value, flag, self.kind)
         return self.inner.convert(value, param, ctx)
@@ -116,8 +121,11 @@ def path_role(param: click.Parameter) -> tuple[str, str] | None:
     if not isinstance(t, click.Path):
         return None
     kind = "file" if not t.dir_okay else "dir" if not t.file_okay or param.name.endswith("_dir") else "any"
-    output = t.writable or (param.name in OUTPUT_NAMES and not t.exists)
-    return ("output" if output else "input"), kind
+    if t.exists:
+        return "input", kind
+    if (t.writable and kind == "file") or param.name in OUTPUT_FILE_NAMES:
+        return "output file", "file"
+    return ("output" if t.writable or param.name in OUTPUT_NAMES else "input"), kind
 
 
 def _check_paths(command: click.Command) -> click.Command:

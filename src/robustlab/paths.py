@@ -83,6 +83,18 @@ def _check_output_dir(p: Path, flag: str) -> Path:
     return p
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` is a file this process can (over)write: not a folder, in a folder that is or can be made
+    writable (checked as :func:`check_output_dir` does); else ``UserError``."""
+    from robustlab.errors import UserError
+
+    p = _no_nul(path, flag)
+    if p.is_dir():
+        raise UserError(f"{flag} {p} is a folder, not a file", f"pass a file path to {flag}")
+    check_output_dir(p.parent, flag)
+    return p
+
+
 def check_input_path(path: str | os.PathLike, flag: str, kind: str = "any") -> Path:
     """``path`` exists, is readable and is a ``file``, a ``dir`` or ``any`` of the two; else ``UserError``."""
     from robustlab.errors import UserError
