@@ -157,12 +157,25 @@ def test_scaffold_control_variates_follow_option_two(task):
 
     expected = manual_steps(model, x, y, lr=0.05, steps=2, loss_extra=corr)
     assert_states_close({k: v for k, v in out.items() if not k.startswith(SCAFFOLD_DC)}, expected)
-    # c_i+ = c_i - c + (w - theta) / (K lr), K = 2 steps; the client returns c_i+ - c_i and stores c_i+
-    stored = ctx.state["scaffold-ci"]
+    # c_i+ = c_i - c + (w - theta) / (K lr), K = 2 steps; the client returns c_i+ - c_i and keeps c_i+ as
+    # pending until the server says it applied the change
+    assert "scaffold-ci" not in ctx.state
+    stored = ctx.state["scaffold-ci-pending"]
     for n in names:
         c_plus = 0 - c[n] + (start[n].numpy() - out[n].numpy()) / (2 * 0.05)
         np.testing.assert_allclose(stored[n].numpy(), c_plus, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(out[SCAFFOLD_DC + n].numpy(), c_plus, rtol=1e-4, atol=1e-5)
+    stored = {k: v for k, v in stored.items()}
+    made_in = int(stored[client_app.PENDING_ROUND].numpy()[0])
+    # the server applied it (its accepted round for partition 0 is that round): committed
+    client_app.settle_scaffold(ctx, {"scaffold-accepted-rounds": [made_in, -1]}, 0)
+    assert "scaffold-ci-pending" not in ctx.state
+    np.testing.assert_array_equal(ctx.state["scaffold-ci"][names[0]].numpy(), stored[names[0]].numpy())
+    # a change the server dropped is dropped by the client too: c_i stays as it was
+    ctx2 = context(0)
+    client_app.train(message(start, cfg, extra={SCAFFOLD_C + n: v for n, v in c.items()}), ctx2)
+    client_app.settle_scaffold(ctx2, {"scaffold-accepted-rounds": [made_in - 1, -1]}, 0)
+    assert "scaffold-ci" not in ctx2.state and "scaffold-ci-pending" not in ctx2.state
 
 
 def test_moon_keeps_previous_model_and_fedbn_keeps_local_batchnorm(task, tmp_path):

@@ -29,9 +29,10 @@ The partition comes from the node config: ``partition-id`` and ``num-partitions`
 simulation engine; passed with ``--node-config`` to ``flower-supernode`` in a real deployment; a real
 deployment may also pass ``data-dir``).
 
-Fault injection (for testing deployments): ``fault-partition`` (int), ``fault-kind`` (``raise`` or
-``sleep``), ``fault-seconds`` and ``fault-rounds`` (list of rounds; empty = every round) make that client
-raise or stall, to check that a round survives a failed or slow client.
+Fault injection (for testing deployments): ``fault-partition`` (int), ``fault-kind`` (``raise``, ``sleep``
+or ``malformed``), ``fault-seconds`` and ``fault-rounds`` (list of rounds; empty = every round) make that
+client raise, stall, or train and then reply with a NaN in its model, to check that a round survives a
+failed, slow or broken client.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ DEFAULTS: dict[str, Any] = {
     "fedpac-head-epochs": 1,
 }
 
-STATE_KEYS = ("scaffold-ci", "moon-prev", "fedbn-local", "fedpac-head")
+STATE_KEYS = ("scaffold-ci", "scaffold-ci-pending", "moon-prev", "fedbn-local", "fedpac-head")
+#: entry of ``scaffold-ci-pending`` holding the round that produced it
+PENDING_ROUND = "__round__"
 
 
 class InjectedFault(RuntimeError):
@@ -98,17 +101,20 @@ def client_seed(seed: int, server_round: int, partition_id: int, purpose: str = 
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
 
 
-def _maybe_fault(config: Mapping[str, Any], partition_id: int, server_round: int) -> None:
+def _maybe_fault(config: Mapping[str, Any], partition_id: int, server_round: int) -> str | None:
+    """Apply an injected ``raise`` or ``sleep`` fault; return the fault kind when this client is the faulty
+    one this round (``malformed`` is applied to the reply by :func:`train`)."""
     if int(config.get("fault-partition", -1)) != partition_id:
-        return
+        return None
     rounds = list(config.get("fault-rounds", []) or [])
     if rounds and server_round not in rounds:
-        return
+        return None
     kind = str(config.get("fault-kind", "raise"))
     if kind == "raise":
         raise InjectedFault(f"injected fault on partition {partition_id} in round {server_round}")
     if kind == "sleep":
         time.sleep(float(config.get("fault-seconds", 30.0)))
+    return kind
 
 
 # --------------------------------------------------------------------------- client state
@@ -358,8 +364,10 @@ def local_train(
             n: (c_new[n] - c.numpy()).astype(np.float32)
             for n, c in zip(names, c_local, strict=True)  # type: ignore[arg-type]
         }
-        if context is not None:
-            context.state["scaffold-ci"] = ArrayRecord({n: Array(c_new[n].astype(np.float32)) for n in names})
+        if context is not None:  # committed when the server says it applied this change (settle_scaffold)
+            pending = {n: Array(c_new[n].astype(np.float32)) for n in names}
+            pending[PENDING_ROUND] = Array(np.array([int(config.get("server-round", 0))], dtype=np.int64))
+            context.state["scaffold-ci-pending"] = ArrayRecord(pending)
     if algorithm == "moon" and context is not None:
         context.state["moon-prev"] = ArrayRecord(
             {k: Array(v.detach().numpy().copy()) for k, v in model.state_dict().items()}
@@ -498,6 +506,20 @@ def fedpac_local_train(
     }
 
 
+def settle_scaffold(context: Context, config: Mapping[str, Any], partition_id: int) -> None:
+    """SCAFFOLD: commit the pending ``c_i`` if the server applied its change (the server's
+    ``scaffold-accepted-rounds`` names that round for this partition), else drop it; either way ``c_i``
+    stays in step with the server's ``c`` (see :class:`robustlab.fedld.strategies.Scaffold`)."""
+    if "scaffold-ci-pending" not in context.state:
+        return
+    pending = dict(context.state["scaffold-ci-pending"].items())  # type: ignore[union-attr]
+    made_in = int(pending.pop(PENDING_ROUND).numpy()[0])
+    accepted = list(config.get("scaffold-accepted-rounds", []) or [])
+    if partition_id < len(accepted) and int(accepted[partition_id]) == made_in:
+        context.state["scaffold-ci"] = ArrayRecord(pending)
+    del context.state["scaffold-ci-pending"]
+
+
 def _task_for(msg: Message, context: Context) -> tuple[Task, dict[str, Any], int]:
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     spec = TaskSpec.from_config(config, context.node_config)
@@ -509,8 +531,10 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(int(dict(msg.content["config"]).get("torch-threads", 1)))
     task, config, pid = _task_for(msg, context)
     server_round = int(config.get("server-round", 1))
-    _maybe_fault(config, pid, server_round)
+    fault = _maybe_fault(config, pid, server_round)
     _load_state(context, config, pid, server_round)
+    if str(_cfg(config, "local-algorithm")) == "scaffold":
+        settle_scaffold(context, config, pid)
     model_sd, control, fedpac = _split_incoming(msg.content["arrays"])  # type: ignore[arg-type]
     local_keys = [str(k) for k in config.get("local-keys", [])]
     torch.manual_seed(client_seed(task.spec.seed, server_round, pid, "init"))
@@ -541,6 +565,11 @@ def train(msg: Message, context: Context) -> Message:
         arrays[SCAFFOLD_DC + k] = Array(v)
     for k, v in record.get("fedpac", {}).items():
         arrays[k] = Array(np.asarray(v, order="C"))
+    if fault == "malformed":  # a NaN in the first float entry: the server must drop this reply
+        key = next(k for k, v in state.items() if v.is_floating_point())
+        bad = state[key].detach().numpy().copy()
+        bad.flat[0] = np.nan
+        arrays[key] = Array(bad)
     _save_state(context, config, pid, server_round)
     metrics = MetricRecord(
         {

@@ -27,11 +27,12 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from robustlab.errors import UserError
+from robustlab.fedld.config import RUNTIME_FIELDS, ExperimentConfig, options
 from robustlab.runs import RunDir, cell_key, environment_info, to_jsonable
 
 log = logging.getLogger("robustlab.fedld")
@@ -94,6 +95,7 @@ RESUME_KEYS = (
     "pretrained",
     "image_size",
     "weights",
+    "sslfl_split",
 )
 
 #: resume keys added after folders were first written: a folder whose config.yaml lacks one still resumes
@@ -104,54 +106,6 @@ LATER_RESUME_DEFAULTS: dict[str, Any] = {
     "image_size": 0,
     "weights": "",
 }
-
-
-@dataclass
-class ExperimentConfig:
-    """One experiment: a dataset split among ``clients`` with Dirichlet(``beta``), several methods x seeds.
-
-    Defaults are the paper's local training (SGD lr 0.01, momentum 0.5, weight decay 5e-4, batch 50, one
-    local epoch), FedLD's λ = 0.1 and k proportion 0.8, FedProx μ = 0.01, MOON μ = 1 and τ = 0.5, FedPAC's
-    alignment weight λ = 1 (the official ``--lam``).
-    ``server_lr`` (for ``fedavg-slr``) ``None`` means: the median of FedLD's update-size ratio over the
-    rounds of the same seed.
-    """
-
-    dataset: str = "retinamnist"
-    data_dir: str | None = None
-    clients: int = 5
-    beta: float = 0.5
-    methods: list[str] = field(default_factory=lambda: ["fedavg", "fedprox", "fedld"])
-    rounds: int = 100
-    seeds: int = 1
-    first_seed: int = 0
-    lr: float = 0.01
-    momentum: float = 0.5
-    weight_decay: float = 5e-4
-    batch_size: int = 50
-    local_epochs: int = 1
-    margin_lambda: float = 0.1
-    k_proportion: float = 0.8
-    proximal_mu: float = 0.01
-    moon_mu: float = 1.0
-    moon_tau: float = 0.5
-    fedpac_lambda: float = 1.0
-    server_lr: float | None = None
-    min_partition_size: int = 10
-    model: str = "cnn"
-    pretrained: bool = False
-    image_size: int = 0
-    weights: str = ""
-    min_replies: int = 1
-    round_timeout: float = 600.0
-    num_cpus: int = 2
-    client_cpus: float = 1.0
-
-    def seed_list(self) -> list[int]:
-        return list(range(self.first_seed, self.first_seed + self.seeds))
-
-    def ordered_methods(self) -> list[str]:
-        return sorted(dict.fromkeys(self.methods), key=METHODS.index)
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
@@ -218,6 +172,22 @@ def validate_config(cfg: ExperimentConfig) -> None:
             f"--image-size must be >= 0, got {cfg.image_size}",
             "use e.g. 64 (0 = the data's)",
         ),
+        (
+            cfg.min_nodes >= 0,
+            f"--min-nodes must be >= 0, got {cfg.min_nodes}",
+            "use 0 (= --min-node-fraction)",
+        ),
+        (
+            0 < cfg.min_node_fraction <= 1,
+            f"--min-node-fraction must be in (0, 1], got {cfg.min_node_fraction}",
+            "use e.g. 0.5",
+        ),
+        (cfg.node_wait >= 0, f"--node-wait must be >= 0, got {cfg.node_wait}", "use e.g. 120"),
+        (
+            cfg.dataset != "sslfl" or bool(cfg.data_dir),
+            "--dataset sslfl needs --data-dir",
+            "pass the SSL-FL folder holding labels.csv (e.g. data/Retina)",
+        ),
         (cfg.round_timeout > 0, f"--round-timeout must be > 0, got {cfg.round_timeout}", "use e.g. 600"),
         (
             cfg.num_cpus >= 1 and cfg.client_cpus > 0,
@@ -244,6 +214,7 @@ def _task_spec(cfg: ExperimentConfig, seed: int):
         pretrained=cfg.pretrained,
         image_size=cfg.image_size,
         weights=cfg.weights,
+        sslfl_split=cfg.sslfl_split,
     )
 
 
@@ -258,6 +229,9 @@ def _strategy_options(cfg: ExperimentConfig, task: Any, server_lr: float | None)
         "moon_tau": cfg.moon_tau,
         "fedpac_lambda": cfg.fedpac_lambda,
         "server_lr": server_lr if server_lr is not None else 1.0,
+        "min_nodes": cfg.min_nodes,
+        "min_node_fraction": cfg.min_node_fraction,
+        "node_wait": cfg.node_wait,
         "bn_keys": task.batchnorm_keys(),
         "head_keys": task.head_keys(),
         "param_keys": [n for n, _ in task.build_model().named_parameters()],
@@ -313,7 +287,8 @@ def run_experiment(
                 "fedavg-slr matches its server lr to FedLD's measured update ratio, but fedld is not run",
                 "add fedld to --methods, or pass --server-lr",
             )
-    config = {k: v for k, v in asdict(cfg).items() if k not in ("num_cpus", "client_cpus")}
+    app_only = {f.name for f, opt in options() if opt.where == "app"}
+    config = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and k not in app_only}
     run = RunDir.open(out, config, seed=cfg.first_seed, resume_keys=_resume_keys(out, config))
     pending = [(m, s) for s in seeds for m in cfg.ordered_methods() if not _cell_done(run, m, s, cfg.rounds)]
     done = len(seeds) * len(cfg.methods) - len(pending)

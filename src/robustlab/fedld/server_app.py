@@ -11,7 +11,8 @@ the strategy's diagnostics (FedLD's update-size ratio and cosine).
 
 ``app`` is the ServerApp that ``flwr run .`` (pyproject ``[tool.flwr.app]``) and a real deployment
 (``flower-superlink`` + ``flower-supernode``) start: it reads ``context.run_config`` (see
-:func:`config_from_run_config`), trains one method and, when ``out`` is set, writes the history there.
+:func:`robustlab.fedld.config.from_run_config`), trains one method and, when ``out`` is set, checkpoints
+every round there and writes the history (see :func:`main`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,8 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from robustlab.fedld.strategies import arrays_to_numpy, numpy_to_arrays
-from robustlab.fedld.task import Task, TaskSpec, load_task
-from robustlab.runs import atomic_write_bytes, atomic_write_json
+from robustlab.fedld.task import Task, load_task
+from robustlab.runs import atomic_write_bytes, atomic_write_json, to_jsonable
 
 log = logging.getLogger("robustlab.fedld")
 
@@ -199,103 +201,83 @@ def best_client_round(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 # --------------------------------------------------------------------------- flwr run / deployment
 
-#: run-config keys (pyproject ``[tool.flwr.app.config]`` or ``flwr run --run-config``) and their defaults
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "method": "fedld",
-    "num-server-rounds": 3,
-    "dataset": "digits",
-    "data-dir": "",
-    "num-partitions": 2,
-    "beta": 0.5,
-    "seed": 0,
-    "lr": 0.01,
-    "momentum": 0.5,
-    "weight-decay": 5e-4,
-    "batch-size": 50,
-    "local-epochs": 1,
-    "margin-lambda": 0.1,
-    "k-proportion": 0.8,
-    "proximal-mu": 0.01,
-    "fedpac-lambda": 1.0,
-    "server-lr": 1.0,
-    "min-replies": 1,
-    "fraction-evaluate": 1.0,
-    "round-timeout": 600.0,
-    "model": "cnn",
-    "pretrained": False,
-    "image-size": 0,
-    "weights": "",
-    "out": "",
-}
 
+def _app_config_record(cfg: Any) -> dict[str, Any]:
+    """The settings a deployment run's checkpoint must match to be resumed (what it computes)."""
+    from dataclasses import asdict
 
-def config_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``context.run_config`` over :data:`RUN_CONFIG_DEFAULTS` (unknown keys are kept)."""
-    return {**RUN_CONFIG_DEFAULTS, **dict(run_config)}
+    from robustlab.fedld.config import RUNTIME_FIELDS
+
+    skip = {*RUNTIME_FIELDS, "methods", "seeds", "out", "checkpoint", "rounds", "round_timeout", "node_wait"}
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Train one method on the connected SuperNodes; write ``history.json`` to ``out`` when set."""
+    """Train one method on the connected SuperNodes (settings: ``context.run_config`` over
+    :func:`robustlab.fedld.config.run_config_defaults`). With ``out`` set, every round is checkpointed into
+    ``out/checkpoint.npz`` (global arrays, strategy state such as SCAFFOLD's ``c`` and FedPAC's
+    prototypes, history) and a ServerApp started again with the same settings continues from the last
+    finished round; ``out/history.json`` is written at the end."""
+    from robustlab.errors import UserError
+    from robustlab.fedld.config import from_run_config
+    from robustlab.fedld.experiment import _strategy_options, _task_spec, validate_config
     from robustlab.fedld.strategies import make_strategy
 
-    cfg = config_from_run_config(context.run_config)
-    n = int(cfg["num-partitions"])
-    seed = int(cfg["seed"])
-    spec = TaskSpec(
-        dataset=str(cfg["dataset"]),
-        data_dir=str(cfg["data-dir"]) or None,
-        num_partitions=n,
-        beta=float(cfg["beta"]),
-        seed=seed,
-        model=str(cfg["model"]),
-        pretrained=bool(cfg["pretrained"]),
-        image_size=int(cfg["image-size"]),
-        weights=str(cfg["weights"]),
-    )
+    cfg = from_run_config(context.run_config)
+    cfg.methods = [cfg.method]
+    validate_config(cfg)
+    if cfg.method == "fedavg-slr" and cfg.server_lr is None:
+        raise UserError("the Flower app cannot match fedavg-slr to a FedLD run", "set server-lr > 0")
+    spec = _task_spec(cfg, cfg.first_seed)
     task = load_task(spec)
-    options = {
-        "num_clients": n,
-        "min_replies": int(cfg["min-replies"]),
-        "fraction_evaluate": float(cfg["fraction-evaluate"]),
-        "margin_lambda": float(cfg["margin-lambda"]),
-        "k_proportion": float(cfg["k-proportion"]),
-        "proximal_mu": float(cfg["proximal-mu"]),
-        "fedpac_lambda": float(cfg["fedpac-lambda"]),
-        "server_lr": float(cfg["server-lr"]),
-        "bn_keys": task.batchnorm_keys(),
-        "head_keys": task.head_keys(),
-        "param_keys": [n for n, _ in task.build_model().named_parameters()],
-    }
-    strategy = make_strategy(str(cfg["method"]), options)
+    options = {**_strategy_options(cfg, task, cfg.server_lr), "fraction_evaluate": cfg.fraction_evaluate}
+    strategy = make_strategy(cfg.method, options)
     train_config = {
         **spec.to_config(),
-        "lr": float(cfg["lr"]),
-        "momentum": float(cfg["momentum"]),
-        "weight-decay": float(cfg["weight-decay"]),
-        "batch-size": int(cfg["batch-size"]),
-        "local-epochs": int(cfg["local-epochs"]),
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight-decay": cfg.weight_decay,
+        "batch-size": cfg.batch_size,
+        "local-epochs": cfg.local_epochs,
+        "cell": f"{cfg.method}-{cfg.first_seed}",
     }
-    out = str(cfg["out"])
+    out = Path(cfg.out) if cfg.out else None
+    checkpoint = None
+    if out is not None and cfg.checkpoint:
+        record = _app_config_record(cfg)
+        stored = out / "run_config.json"
+        if stored.exists() and (out / "checkpoint.npz").exists():
+            old = json.loads(stored.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            if changed:
+                raise UserError(
+                    f"{out} holds a checkpoint of a run with other settings ({', '.join(changed)})",
+                    "use another out folder, or the same settings to resume",
+                )
+        atomic_write_json(stored, record)
+        checkpoint = Checkpoint(out / "checkpoint.npz")
 
     def on_round(rec: dict[str, Any]) -> None:
         log.warning(
-            "round %d: val acc %.4f, test acc %.4f, test bal-acc %.4f",
+            "round %d: val acc %.4f, test acc %.4f, test bal-acc %.4f%s",
             rec["round"],
             rec["val"]["accuracy"],
             rec["test"]["accuracy"],
             rec["test"]["balanced_accuracy"],
+            f", {int(rec['diagnostics'].get('replies', 0))} replies" if rec.get("diagnostics") else "",
         )
 
     _, history = run_training(
         grid,
         strategy,
         task,
-        num_rounds=int(cfg["num-server-rounds"]),
+        num_rounds=cfg.rounds,
         train_config=train_config,
-        init_seed=seed,
-        round_timeout=float(cfg["round-timeout"]),
+        init_seed=cfg.first_seed,
+        round_timeout=cfg.round_timeout,
+        checkpoint=checkpoint,
         on_round=on_round,
     )
-    if out:
-        atomic_write_json(Path(out) / "history.json", {"config": cfg, "history": history})
+    if out is not None:
+        atomic_write_json(out / "history.json", {"config": to_jsonable(asdict(cfg)), "history": history})

@@ -6,9 +6,15 @@ They share three additions over Flower's ``FedAvg`` (all in :class:`_RobustMixin
 * **client configuration**: each strategy names the local algorithm its clients must run
   (``local-algorithm``, ``margin-lambda``, ``proximal-mu``, ...) and injects it into the round's
   ``ConfigRecord``, so one generic ``ClientApp`` (:mod:`robustlab.fedld.client_app`) serves every method;
-* **fault tolerance**: replies that carry an error (a client that raised) or never came (a client that timed
-  out) are dropped, and the round is aggregated from the others as long as at least ``min_replies``
-  arrived; with fewer, the global model is kept unchanged for that round (``skipped_rounds`` records it);
+* **fault tolerance**: a round waits at most ``node_wait`` seconds for all ``expected_nodes`` SuperNodes to be
+  connected, then goes on with those present if they are at least ``min_nodes`` (an absolute number, or
+  ``min_node_fraction`` of the expected ones), and says so in the log (Flower's own sampling waits for
+  ``min_available_nodes`` forever, so one SuperNode lost for good stalls the federation); with fewer the round
+  is skipped. Replies that carry an error (a client that raised), never came (a client that timed out) or
+  are malformed (:meth:`_RobustMixin.reply_problem`: missing or misshapen model entries, non-finite values,
+  no usable ``num-examples``) are dropped with a warning, and the round is aggregated from the others as
+  long as at least ``min_replies`` arrived; with fewer, the global model is kept unchanged for that round
+  (``skipped_rounds`` records it);
 * **state and diagnostics**: ``state_dict()`` / ``load_state_dict()`` hold what must survive a restart
   (SCAFFOLD's server control variate), and ``last_diagnostics`` holds per-round numbers (FedLD's update
   size ratio and cosine against FedAvg on the same client deltas).
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
@@ -137,15 +144,73 @@ class _RobustMixin:
     #: the local algorithm the ClientApp runs for this strategy (see ``client_app.train``)
     local_algorithm = "sgd"
 
-    def _robust_init(self, min_replies: int, client_config: Mapping[str, Any] | None) -> None:
+    #: prefixes of array entries a reply may carry besides the model's (SCAFFOLD's and FedPAC's extras)
+    reply_extra_prefixes: tuple[str, ...] = ()
+
+    def _robust_init(
+        self,
+        min_replies: int,
+        client_config: Mapping[str, Any] | None,
+        *,
+        expected_nodes: int | None = None,
+        min_nodes: int = 0,
+        min_node_fraction: float = 0.5,
+        node_wait: float = 120.0,
+    ) -> None:
         if min_replies < 1:
             raise ValueError("min_replies must be >= 1")
+        if min_nodes < 0 or not (0.0 < min_node_fraction <= 1.0) or not node_wait >= 0:
+            raise ValueError("need min_nodes >= 0, 0 < min_node_fraction <= 1 and node_wait >= 0")
         self.min_replies = int(min_replies)
         self.extra_client_config = dict(client_config or {})
+        self.expected_nodes = int(expected_nodes or self.min_available_nodes)  # type: ignore[attr-defined]
+        self.min_nodes = int(min_nodes) or max(1, math.ceil(min_node_fraction * self.expected_nodes))
+        self.node_wait = float(node_wait)
         self.global_arrays: NDict | None = None
         self.last_diagnostics: dict[str, float] = {}
         self.skipped_rounds: list[int] = []
         self.num_nodes_seen = 0
+
+    # -- which SuperNodes take part
+    def available_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """The connected nodes, after waiting at most ``node_wait`` s for all ``expected_nodes``; ``[]`` when
+        fewer than ``min_nodes`` are there by then (the round is skipped)."""
+        deadline = time.monotonic() + self.node_wait
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= self.expected_nodes:
+                return nodes
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if len(nodes) >= self.min_nodes:
+            log.warning(
+                "round %d: %d of %d SuperNodes connected after %.0f s; going on with them (min_nodes=%d)",
+                server_round, len(nodes), self.expected_nodes, self.node_wait, self.min_nodes,
+            )  # fmt: skip
+            return nodes
+        log.warning(
+            "round %d: only %d of %d SuperNodes connected after %.0f s (< min_nodes=%d); skipping the round",
+            server_round, len(nodes), self.expected_nodes, self.node_wait, self.min_nodes,
+        )  # fmt: skip
+        return []
+
+    def _with_present_nodes(
+        self, grid: Grid, server_round: int, configure: Callable[[], Any]
+    ) -> list[Message]:
+        """Run Flower's ``configure_*`` with its node minimums lowered to the nodes present, so that its own
+        sampling (which would wait for ``min_available_nodes`` forever) takes them as they are."""
+        nodes = self.available_nodes(grid, server_round)
+        self.num_nodes_seen = len(nodes)
+        if not nodes:
+            return []
+        saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)  # type: ignore[attr-defined]
+        n = len(nodes)
+        self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = (min(v, n) for v in saved)
+        try:
+            return list(configure())
+        finally:
+            self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes = saved
 
     # -- what the clients must do
     def client_config(self) -> dict[str, Any]:
@@ -159,8 +224,23 @@ class _RobustMixin:
         self.last_diagnostics = {}
         for k, v in self.client_config().items():
             config[k] = v
-        self.num_nodes_seen = len(list(grid.get_node_ids()))
-        return super().configure_train(server_round, self._outgoing_arrays(arrays), config, grid)  # type: ignore[misc]
+        out = self._outgoing_arrays(arrays)
+        return self._with_present_nodes(
+            grid,
+            server_round,
+            lambda: super(_RobustMixin, self).configure_train(server_round, out, config, grid),  # type: ignore[misc]
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:  # type: ignore[attr-defined]
+            return []
+        return self._with_present_nodes(
+            grid,
+            server_round,
+            lambda: super(_RobustMixin, self).configure_evaluate(server_round, arrays, config, grid),  # type: ignore[misc]
+        )
 
     def _outgoing_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         return arrays
@@ -168,9 +248,24 @@ class _RobustMixin:
     # -- replies
     def _usable_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message] | None:
         """Valid replies, or ``None`` (round skipped, model kept) when fewer than ``min_replies`` arrived."""
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True)  # type: ignore[attr-defined]
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)  # type: ignore[attr-defined]
+        well_formed = []
+        for msg in valid:
+            problem = self.reply_problem(msg)
+            if problem is None:
+                well_formed.append(msg)
+            else:
+                log.warning(
+                    "round %d: dropping the reply of node %d: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    problem,
+                )
+        self.last_diagnostics["malformed"] = float(len(valid) - len(well_formed))
+        valid = well_formed
         self.last_diagnostics["replies"] = float(len(valid))
         self.last_diagnostics["failures"] = float(len(errors))
+        self.accepted_replies = list(valid)
         if len(valid) < self.min_replies:
             log.warning(
                 "round %d: %d usable replies < min_replies=%d; keeping the global model",
@@ -183,6 +278,43 @@ class _RobustMixin:
         # Replies arrive in completion order; floating-point sums (and FedGH's pairing) depend on the
         # order, so fix it: by partition id (stable across restarts), else by node id.
         return sorted(valid, key=_reply_order)
+
+    def reply_problem(self, msg: Message) -> str | None:
+        """Why a training reply cannot be aggregated, or ``None``: it must hold one ArrayRecord with every
+        entry of the global model (same shape, finite), no entries other than those and the strategy's
+        extras (``reply_extra_prefixes``, finite too), and one MetricRecord with a finite ``num-examples``
+        > 0."""
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "expected one ArrayRecord and one MetricRecord"
+        weight = dict(next(iter(content.metric_records.values()))).get(self.weighted_by_key)  # type: ignore[attr-defined]
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not (math.isfinite(weight) and weight > 0)
+        ):
+            return f"'{self.weighted_by_key}' is missing or not a positive number"  # type: ignore[attr-defined]
+        assert self.global_arrays is not None, "configure_train must run before aggregate_train"
+        record = _arrays_of(msg)
+        missing = [k for k in self.global_arrays if k not in record]
+        if missing:
+            return f"{len(missing)} model entries missing (e.g. {missing[0]})"
+        extra = [
+            k for k in record if k not in self.global_arrays and not k.startswith(self.reply_extra_prefixes)
+        ]
+        if extra:
+            return f"unexpected entries (e.g. {extra[0]})"
+        for k, v in record.items():
+            try:
+                a = v.numpy()
+            except Exception as exc:  # an undecodable array
+                return f"entry {k} cannot be read ({type(exc).__name__})"
+            ref = self.global_arrays.get(k)
+            if ref is not None and a.shape != ref.shape:
+                return f"entry {k} has shape {a.shape}, the model's is {ref.shape}"
+            if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+                return f"entry {k} holds non-finite values"
+        return None
 
     def _client_models(self, valid: list[Message]) -> tuple[list[NDict], list[float]]:
         models = [arrays_to_numpy(_arrays_of(m)) for m in valid]
@@ -228,10 +360,21 @@ class FedAvg(_RobustMixin, _FlowerFedAvg):
         *,
         min_replies: int = 1,
         client_config: Mapping[str, Any] | None = None,
+        expected_nodes: int | None = None,
+        min_nodes: int = 0,
+        min_node_fraction: float = 0.5,
+        node_wait: float = 120.0,
         **flower_kwargs: Any,
     ) -> None:
         _FlowerFedAvg.__init__(self, **flower_kwargs)
-        self._robust_init(min_replies, client_config)
+        self._robust_init(
+            min_replies,
+            client_config,
+            expected_nodes=expected_nodes,
+            min_nodes=min_nodes,
+            min_node_fraction=min_node_fraction,
+            node_wait=node_wait,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -256,10 +399,21 @@ class FedProx(_RobustMixin, _FlowerFedProx):
         proximal_mu: float = 0.01,
         min_replies: int = 1,
         client_config: Mapping[str, Any] | None = None,
+        expected_nodes: int | None = None,
+        min_nodes: int = 0,
+        min_node_fraction: float = 0.5,
+        node_wait: float = 120.0,
         **flower_kwargs: Any,
     ) -> None:
         _FlowerFedProx.__init__(self, proximal_mu=proximal_mu, **flower_kwargs)
-        self._robust_init(min_replies, client_config)
+        self._robust_init(
+            min_replies,
+            client_config,
+            expected_nodes=expected_nodes,
+            min_nodes=min_nodes,
+            min_node_fraction=min_node_fraction,
+            node_wait=node_wait,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -490,14 +644,26 @@ class Scaffold(_DeltaStrategy):
     travels inside the arrays record under the prefix ``scaffold-c::``; each client keeps its own ``c_i``
     in ``context.state``, corrects every local step by ``c - c_i`` and returns ``delta c_i`` under the
     prefix ``scaffold-dc::``. Server: ``w <- w + server_lr * sum_i p_i delta_i`` and
-    ``c <- c + (|S| / N) * mean_i delta c_i``.
+    ``c <- c + (|S| / N) * mean_i delta c_i`` with N = ``expected_nodes`` (every client), so that
+    ``c = mean_i c_i`` over all N clients at all times.
+
+    **Faults.** That invariant needs the server and each client to agree on which ``delta c_i`` were
+    applied. The server applies those of every well-formed reply, also in a round it skips for too few
+    replies (the model stays, ``c`` moves with the clients' ``c_i``), and tells the clients, in the next
+    training config (``scaffold-accepted-rounds``, one entry per partition: the last round whose change of
+    that client was applied). A client keeps its new ``c_i`` as pending and commits it only when the server
+    says it was applied; a reply that was dropped (malformed, timed out) leaves ``c_i`` and ``c`` both as
+    they were.
     """
 
     local_algorithm = "scaffold"
+    reply_extra_prefixes = (SCAFFOLD_DC,)
+    ACCEPTED = "scaffold-accepted-rounds"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.control: NDict = {}
+        self.accepted_rounds = np.full(self.expected_nodes, -1, dtype=np.int64)
 
     def _outgoing_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         out = ArrayRecord({k: v for k, v in arrays.items()})
@@ -509,31 +675,59 @@ class Scaffold(_DeltaStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config["scaffold-has-control"] = bool(self.control)
+        config[self.ACCEPTED] = [int(r) for r in self.accepted_rounds]
         return super().configure_train(server_round, arrays, config, grid)
 
     def _client_models(self, valid: list[Message]) -> tuple[list[NDict], list[float]]:
         models, weights = super()._client_models(valid)
-        self._dcs = [
-            {k[len(SCAFFOLD_DC) :]: v for k, v in m.items() if k.startswith(SCAFFOLD_DC)} for m in models
-        ]
         models = [{k: v for k, v in m.items() if not k.startswith(SCAFFOLD_DC)} for m in models]
         return models, weights
 
-    def global_update(self, deltas: list[NDict], weights: list[float]) -> NDict:
-        from robustlab.fedld.aggregation import mean_delta, scaffold_server_control
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        new, metrics = super().aggregate_train(server_round, replies)
+        self._apply_control_changes(server_round, self.accepted_replies)
+        return new, metrics
 
-        dcs = [d for d in self._dcs if d]
-        if dcs:
-            c = self.control or {k: np.zeros_like(v, dtype=np.float32) for k, v in dcs[0].items()}
-            new_c = scaffold_server_control(c, dcs, max(self.num_nodes_seen, len(dcs)))
-            self.control = {k: v.astype(np.float32) for k, v in new_c.items()}
+    def _apply_control_changes(self, server_round: int, accepted: list[Message]) -> None:
+        from robustlab.fedld.aggregation import scaffold_server_control
+
+        dcs, pids = [], []
+        for msg in accepted:
+            dc = {
+                k[len(SCAFFOLD_DC) :]: v.numpy()
+                for k, v in _arrays_of(msg).items()
+                if k.startswith(SCAFFOLD_DC)
+            }
+            if dc:
+                dcs.append(dc)
+                pids.append(int(_metric_dict(msg).get("partition-id", -1)))
+        if not dcs:
+            return
+        c = self.control or {k: np.zeros_like(v, dtype=np.float32) for k, v in dcs[0].items()}
+        new_c = scaffold_server_control(c, dcs, max(self.expected_nodes, len(dcs)))
+        self.control = {k: v.astype(np.float32) for k, v in new_c.items()}
+        for pid in pids:
+            if 0 <= pid < len(self.accepted_rounds):
+                self.accepted_rounds[pid] = server_round
+
+    def global_update(self, deltas: list[NDict], weights: list[float]) -> NDict:
+        from robustlab.fedld.aggregation import mean_delta
+
         return mean_delta(deltas, weights)
 
     def state_dict(self) -> NDict:
-        return {SCAFFOLD_C + k: v for k, v in self.control.items()}
+        return {**{SCAFFOLD_C + k: v for k, v in self.control.items()}, self.ACCEPTED: self.accepted_rounds}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self.control = {k[len(SCAFFOLD_C) :]: np.asarray(v, np.float32) for k, v in state.items()}
+        self.control = {
+            k[len(SCAFFOLD_C) :]: np.asarray(v, np.float32)
+            for k, v in state.items()
+            if k.startswith(SCAFFOLD_C)
+        }
+        if self.ACCEPTED in state:  # checkpoints written before the acceptance protocol lack it
+            self.accepted_rounds = np.asarray(state[self.ACCEPTED], dtype=np.int64).copy()
 
 
 class MOON(FedAvg):
@@ -596,6 +790,7 @@ class FedPAC(FedAvg):
     """
 
     local_algorithm = "fedpac"
+    reply_extra_prefixes = (FEDPAC,)
 
     def __init__(
         self,
@@ -753,6 +948,10 @@ def _common(o: Mapping[str, Any]) -> dict[str, Any]:
         "min_evaluate_nodes": min(n, int(o.get("min_evaluate_nodes", n))),
         "min_available_nodes": min(n, int(o.get("min_available_nodes", n))),
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggregate,
+        "expected_nodes": n,
+        "min_nodes": int(o.get("min_nodes", 0)),
+        "min_node_fraction": float(o.get("min_node_fraction", 0.5)),
+        "node_wait": float(o.get("node_wait", 120.0)),
     }
 
 

@@ -43,6 +43,8 @@ class TaskSpec:
     image_size: int = 0
     #: a local ImageNet ``state_dict`` file for the backbone ("" = the installed package's)
     weights: str = ""
+    #: SSL-FL split folder (``dataset="sslfl"``): split_1..3 (Retina's Dirichlet splits), split_real
+    sslfl_split: str = "split_1"
 
     def to_config(self) -> dict[str, Any]:
         """The spec as ConfigRecord entries (``task-*`` keys)."""
@@ -69,6 +71,7 @@ class TaskSpec:
             pretrained=bool(get("pretrained", False)),
             image_size=int(get("image-size", 0)),
             weights=str(get("weights", "")),
+            sslfl_split=str(get("sslfl-split", "split_1")),
         )
 
 
@@ -229,6 +232,11 @@ def load_image_dataset(spec: TaskSpec) -> Any:
 
     if spec.dataset == "digits":
         ds = data.load_digits_dataset(seed=0)
+    elif spec.dataset == "sslfl":
+        if not spec.data_dir:
+            raise UserError("--dataset sslfl needs --data-dir", "pass the SSL-FL folder holding labels.csv")
+        # images are kept at their stored size (or resized to --image-size while loading)
+        ds = data.load_sslfl(spec.data_dir, split=spec.sslfl_split, image_size=spec.image_size or None)
     else:
         ds = None
         if spec.image_size in data.MEDMNIST_SIZES and spec.image_size != 28:
@@ -257,9 +265,21 @@ def load_task(spec: TaskSpec) -> Task:
 
     ds = load_image_dataset(spec)
     y_train = np.asarray(ds.train.labels, dtype=np.int64)
-    partitions = data.dirichlet_partition(
-        y_train, spec.num_partitions, spec.beta, seed=spec.seed, min_partition_size=spec.min_partition_size
-    )
+    if ds.natural_partitions is not None:  # SSL-FL: the clients are the split's client files
+        if len(ds.natural_partitions) != spec.num_partitions:
+            raise UserError(
+                f"{ds.source} ({spec.sslfl_split}) has {len(ds.natural_partitions)} clients, not {spec.num_partitions}",
+                f"pass --clients {len(ds.natural_partitions)}",
+            )
+        partitions = list(ds.natural_partitions)
+    else:
+        partitions = data.dirichlet_partition(
+            y_train,
+            spec.num_partitions,
+            spec.beta,
+            seed=spec.seed,
+            min_partition_size=spec.min_partition_size,
+        )
     partitions = [np.sort(np.asarray(p, dtype=np.int64)) for p in partitions]
     x_train, y_train_t, x_val, y_val, x_test, y_test = model_inputs(ds, spec)
     return Task(

@@ -1,0 +1,67 @@
+"""One source of defaults: the CLI's options, the Flower app's run config and pyproject's
+[tool.flwr.app.config] all follow robustlab.fedld.config.ExperimentConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+import typer
+
+from robustlab.errors import UserError
+from robustlab.fedld import config as C
+from robustlab.fedld.cli import app as fedld_app
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def _defaults() -> dict:
+    return {f.name: C._default(f) for f in dataclasses.fields(C.ExperimentConfig)}
+
+
+def test_pyproject_app_config_is_the_dataclass_defaults():
+    table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert table == C.run_config_defaults()
+    # and every app field is there, under its run-config key, with its default (None written as none_as)
+    d = _defaults()
+    for f, opt in C.options("app"):
+        want = opt.none_as if d[f.name] is None else d[f.name]
+        assert table[C.run_key(f, opt)] == want, f.name
+
+
+def test_cli_options_are_the_dataclass_fields_with_their_defaults():
+    import click
+
+    command = typer.main.get_command(fedld_app).commands["run"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    d = _defaults()
+    cli_fields = {f.name for f, _ in C.options("cli")}
+    assert set(params) == cli_fields | {"out"}
+    for name in cli_fields:
+        p = params[name]
+        want = ",".join(d[name]) if name == "methods" else d[name]
+        if name in ("data_dir", "weights"):
+            want = None  # paths: the CLI fills the dataclass default in (see from_cli)
+        assert p.default == want, name
+    assert "--seed" in params["first_seed"].opts and "--pretrained" in params["pretrained"].opts
+    # parsing the CLI's defaults gives the dataclass's defaults
+    values = {name: params[name].default for name in cli_fields}
+    assert C.from_cli(values) == C.ExperimentConfig()
+
+
+def test_run_config_round_trip_and_unknown_keys():
+    assert C.from_run_config({}) == C.ExperimentConfig()
+    assert C.from_run_config(C.run_config_defaults()) == C.ExperimentConfig()
+    got = C.from_run_config(
+        {"num-server-rounds": 7, "num-partitions": 3, "server-lr": 0.5, "pretrained": True}
+    )
+    assert (got.rounds, got.clients, got.server_lr, got.pretrained) == (7, 3, 0.5, True)
+    with pytest.raises(UserError, match="unknown run-config key"):
+        C.from_run_config({"num-rounds": 3})
+
+
+def test_every_field_says_where_it_applies_and_has_help():
+    for f, opt in C.options():
+        assert opt.where in ("both", "cli", "app") and opt.help.strip(), f.name
