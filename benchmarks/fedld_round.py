@@ -7,6 +7,7 @@ training, aggregation), the server-side aggregation alone, and the whole round (
 evaluation). Writes ``<out>/fedld_round.json`` with medians and the FedLD / FedAvg ratios.
 
     python benchmarks/fedld_round.py --out runs/bench [--rounds 6] [--blocks 2]
+        [--model efficientnet-lite0 --pretrained --image-size 64]
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="rounds per block")
     ap.add_argument("--blocks", type=int, default=2, help="FedAvg/FedLD block pairs")
     ap.add_argument("--clients", type=int, default=5)
+    ap.add_argument("--model", default="cnn", help="cnn, efficientnet-lite0, resnet18 or resnet50")
+    ap.add_argument("--pretrained", action="store_true", help="ImageNet weights for the backbone")
+    ap.add_argument("--image-size", type=int, default=0, help="image side the model sees (0 = the data's)")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback; before it is imported
@@ -45,6 +49,8 @@ def main() -> None:
         spec = TaskSpec("retinamnist", str(root / "medmnist"), args.clients, 0.5, 0)
     else:
         spec = TaskSpec("digits", None, args.clients, 0.5, 0)
+    spec = TaskSpec(**{**spec.__dict__, "model": args.model, "pretrained": args.pretrained,
+                       "image_size": args.image_size})  # fmt: skip
     task = load_task(spec)
     rows: dict[str, list[dict]] = {"fedavg": [], "fedld": []}
     errors: list[BaseException] = []
@@ -85,6 +91,9 @@ def main() -> None:
     result = {
         "benchmark": "fedld_round",
         "dataset": spec.dataset,
+        "model": spec.model,
+        "pretrained": spec.pretrained,
+        "image_size": int(task.image_size),
         "clients": args.clients,
         "rounds_measured_per_method": len(rows["fedld"]),
         "model_parameters": int(sum(p.numel() for p in task.build_model().parameters())),

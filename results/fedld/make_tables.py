@@ -2,10 +2,12 @@
 
 Usage (repo root): .venv/bin/python results/fedld/make_tables.py
 
-For every dataset with run folders here (``<dataset>_beta<b>``), the block between
-``<!-- fedld-results:<dataset>:start -->`` and ``<!-- fedld-results:<dataset>:end -->`` in both files is
-replaced by one table per beta (the experiment's own ``summary_table``) and the per-seed FedLD update
-ratio, cosine and matched server lr. Blocks of datasets with no folder here are left as they are.
+For every group of run folders here (``<group>_beta<b>``: a dataset, or ``regime_<...>`` for the pretrained
+backbone grid), the block between ``<!-- fedld-results:<group>:start -->`` and
+``<!-- fedld-results:<group>:end -->`` in both files is replaced by one table per beta (the experiment's own
+``summary_table``) and the per-seed FedLD update ratio, cosine and matched server lr. A block whose group
+has no finished cell here keeps its text but is marked, on its first line, as not backed by committed
+cells (:data:`MISSING`).
 ``--figure DATASET:BETA`` redraws that folder's outputs (summary.json, table.md, plots) and copies its
 accuracy plot to docs/fedld_accuracy_<dataset>.png. Reading is safe while the sweep runs.
 """
@@ -26,6 +28,10 @@ from robustlab.runs import RunDir
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 NAMES = {"retinamnist": "RetinaMNIST", "pneumoniamnist_balanced": "PneumoniaMNIST (balanced subsample)"}
+MISSING = (
+    "> **Not backed by committed cells**: no finished cell of this table is in `results/fedld/`; the numbers"
+    " below were built from cells that were lost, and `results/fedld/sweep.sh` regenerates them."
+)
 TARGETS = (ROOT / "docs" / "fedld.md", ROOT / "README.md")
 
 
@@ -37,11 +43,15 @@ def load(folder: Path) -> tuple[RunDir, ExperimentConfig, dict]:
 
 
 def folder_block(folder: Path) -> tuple[str, str, int]:
-    """(dataset, markdown, finished cells) for one run folder."""
+    """(group, markdown, finished cells) for one run folder."""
     _, cfg, summary = load(folder)
     cols, rows = summary_table(summary)
+    model = "" if cfg.model == "cnn" else (
+        f", {'ImageNet-pretrained ' if cfg.pretrained else ''}{cfg.model} at {cfg.image_size or 'native'} px"
+        f", client lr {cfg.lr:g}"
+    )  # fmt: skip
     lines = [
-        f"**{NAMES.get(cfg.dataset, cfg.dataset)}, {cfg.clients} clients, Dirichlet beta = {cfg.beta:g}, "
+        f"**{NAMES.get(cfg.dataset, cfg.dataset)}{model}, {cfg.clients} clients, Dirichlet beta = {cfg.beta:g}, "
         f"{cfg.rounds} rounds** (finished seeds per method in column 2)",
         "",
         markdown_table(cols, rows),
@@ -57,7 +67,7 @@ def folder_block(folder: Path) -> tuple[str, str, int]:
         lrs = ", ".join(f"{p['server_lr']:.3f}" for p in methods["fedavg-slr"]["per_seed"])
         lines.append(f"- FedAvg (server lr) used server lr {lrs} (seed order)")
     cells = sum(len(m["seeds"]) for m in methods.values())
-    return cfg.dataset, "\n".join(lines).rstrip() + "\n", cells
+    return folder.name.rsplit("_beta", 1)[0], "\n".join(lines).rstrip() + "\n", cells
 
 
 def splice(text: str, dataset: str, block: str) -> str:
@@ -68,12 +78,21 @@ def splice(text: str, dataset: str, block: str) -> str:
     return pattern.sub(lambda _m: f"{start}\n\n{block}\n{end}", text)
 
 
+def mark_missing(text: str, group: str) -> str:
+    """Put :data:`MISSING` first in ``group``'s block (once)."""
+    start = f"<!-- fedld-results:{group}:start -->"
+    head, _, rest = text.partition(start)
+    if not rest or rest.lstrip().startswith(MISSING):
+        return text
+    return f"{head}{start}\n\n{MISSING}\n{rest}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--figure", action="append", default=[], help="DATASET:BETA whose accuracy plot to copy")
     args = ap.parse_args()
     folders = sorted(
-        (f for f in HERE.iterdir() if (f / "config.yaml").is_file()),
+        (f for f in HERE.iterdir() if (f / "config.yaml").is_file() and "_beta" in f.name),
         key=lambda f: (f.name.rsplit("_beta", 1)[0], -float(f.name.rsplit("_beta", 1)[1])),
     )
     blocks: dict[str, list[str]] = {}
@@ -84,8 +103,11 @@ def main() -> None:
             blocks.setdefault(dataset, []).append(block)
     for path in TARGETS:
         text = path.read_text(encoding="utf-8")
-        for dataset, parts in blocks.items():
-            text = splice(text, dataset, "\n".join(parts))
+        for group, parts in blocks.items():
+            text = splice(text, group, "\n".join(parts))
+        for group in re.findall(r"<!-- fedld-results:(.+?):start -->", text):
+            if group not in blocks:
+                text = mark_missing(text, group)
         path.write_text(text, encoding="utf-8")
     for spec in args.figure:
         dataset, beta = spec.split(":")

@@ -202,6 +202,7 @@ class _RobustMixin:
         sampling (which would wait for ``min_available_nodes`` forever) takes them as they are."""
         nodes = self.available_nodes(grid, server_round)
         self.num_nodes_seen = len(nodes)
+        self.last_diagnostics.setdefault("nodes", float(len(nodes)))  # the training phase's count
         if not nodes:
             return []
         saved = (self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)  # type: ignore[attr-defined]
