@@ -47,3 +47,26 @@ def test_committed_cell_first_rounds_are_reproduced(method, shared_data, tmp_pat
             assert a["diagnostics"]["update-ratio"] == pytest.approx(
                 b["diagnostics"]["update-ratio"], rel=1e-3
             )
+
+
+def test_committed_folders_still_resume_with_todays_defaults():
+    """Keys added since a folder was written (model, pretrained, image size, weights, SSL-FL split) do not
+    block resuming it when the run asks for their defaults, which every earlier run used."""
+    from dataclasses import asdict
+
+    from robustlab.fedld.experiment import RESUME_KEYS, _resume_keys
+
+    for folder in sorted(RESULTS.glob("*_beta*")):
+        old = yaml.safe_load((folder / "config.yaml").read_text())
+        keep = {k: v for k, v in old.items() if k in ExperimentConfig.__dataclass_fields__}
+        new = asdict(ExperimentConfig(**keep))
+        keys = _resume_keys(folder, new)
+        assert all(k in old for k in keys), (folder.name, [k for k in keys if k not in old])
+        assert all(old[k] == new[k] for k in keys), folder.name
+        assert set(RESUME_KEYS) - set(keys) <= {
+            "pretrained",
+            "image_size",
+            "weights",
+            "sslfl_split",
+            "fedpac_lambda",
+        }

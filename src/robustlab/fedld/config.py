@@ -33,9 +33,15 @@ class Option:
     flag: str | None = None  #: CLI flag, when not ``--`` + the field name with dashes
     none_as: Any = None  #: how a ``None`` value is written in a run config
     path: bool = False  #: a path on the command line (checked by the CLI before the run)
+    #: the Flower app's default where it differs: ``flwr run .`` works out of the box (no data to fetch, the
+    #: 2 SuperNodes of Flower's default local simulation, a few rounds)
+    app_default: Any = None
+    has_app_default: bool = False
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    if "app_default" in kw:
+        kw["has_app_default"] = True
     return field(default=default, metadata={"option": Option(help, **kw)})
 
 
@@ -49,7 +55,11 @@ class ExperimentConfig:
     median of FedLD's update-size ratio over the rounds of the same seed.
     """
 
-    dataset: str = _f("retinamnist", "MedMNIST flag (file <flag>.npz in --data-dir), 'sslfl' or 'digits'.")
+    dataset: str = _f(
+        "retinamnist",
+        "MedMNIST flag (file <flag>.npz in --data-dir), 'sslfl' or 'digits'.",
+        app_default="digits",
+    )
     data_dir: str | None = _f(
         None,
         "Folder with the MedMNIST .npz or the SSL-FL dataset (default ~/.medmnist).",
@@ -59,14 +69,14 @@ class ExperimentConfig:
     sslfl_split: str = _f(
         "split_1", "SSL-FL split folder (split_1..3, split_real for COVID-FL's 12 clients)."
     )
-    clients: int = _f(5, "Number of clients (SuperNodes).", key="num-partitions")
+    clients: int = _f(5, "Number of clients (SuperNodes).", key="num-partitions", app_default=2)
     beta: float = _f(0.5, "Dirichlet concentration of the label-skew split (> 0).")
     methods: list[str] = field(
         default_factory=lambda: ["fedavg", "fedprox", "fedld"],
         metadata={"option": Option("Comma-separated methods, or 'all'.", where="cli")},
     )
     method: str = _f("fedld", "The method the Flower app trains.", where="app")
-    rounds: int = _f(100, "Federated rounds.", key="num-server-rounds")
+    rounds: int = _f(100, "Federated rounds.", key="num-server-rounds", app_default=3)
     seeds: int = _f(1, "Number of seeds (seed, seed+1, ...).", where="cli")
     first_seed: int = _f(0, "First seed (drives split, init and batch order).", key="seed", flag="--seed")
     lr: float = _f(0.01, "Client SGD learning rate.")
@@ -134,13 +144,27 @@ def run_key(f: dataclasses.Field, opt: Option) -> str:
     return opt.key or f.name.replace("_", "-")
 
 
-def run_config_defaults() -> dict[str, Any]:
-    """The Flower app's run-config keys and defaults: what ``[tool.flwr.app.config]`` must hold."""
+def _app_default(f: dataclasses.Field, opt: Option) -> Any:
+    return opt.app_default if opt.has_app_default else _default(f)
+
+
+def to_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg`` as Flower run-config entries (the app's keys; ``None`` written as ``none_as``)."""
     out = {}
     for f, opt in options("app"):
-        value = _default(f)
+        value = getattr(cfg, f.name)
         out[run_key(f, opt)] = opt.none_as if value is None else value
     return out
+
+
+def app_defaults() -> ExperimentConfig:
+    """The config the Flower app runs with when the run config sets nothing."""
+    return ExperimentConfig(**{f.name: _app_default(f, opt) for f, opt in options("app")})
+
+
+def run_config_defaults() -> dict[str, Any]:
+    """The Flower app's run-config keys and defaults: what ``[tool.flwr.app.config]`` must hold."""
+    return to_run_config(app_defaults())
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
@@ -153,7 +177,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> ExperimentConfig:
     unknown = sorted(set(run_config) - set(known))
     if unknown:
         raise UserError(f"unknown run-config key(s): {', '.join(unknown)}", f"use {', '.join(sorted(known))}")
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {f.name: _app_default(f, opt) for f, opt in options("app")}
     for key, (f, opt) in known.items():
         if key not in run_config:
             continue

@@ -105,6 +105,7 @@ LATER_RESUME_DEFAULTS: dict[str, Any] = {
     "pretrained": False,
     "image_size": 0,
     "weights": "",
+    "sslfl_split": "split_1",
 }
 
 

@@ -204,7 +204,6 @@ def best_client_round(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _app_config_record(cfg: Any) -> dict[str, Any]:
     """The settings a deployment run's checkpoint must match to be resumed (what it computes)."""
-    from dataclasses import asdict
 
     from robustlab.fedld.config import RUNTIME_FIELDS
 
@@ -220,7 +219,7 @@ def main(grid: Grid, context: Context) -> None:
     prototypes, history) and a ServerApp started again with the same settings continues from the last
     finished round; ``out/history.json`` is written at the end."""
     from robustlab.errors import UserError
-    from robustlab.fedld.config import from_run_config
+    from robustlab.fedld.config import from_run_config, to_run_config
     from robustlab.fedld.experiment import _strategy_options, _task_spec, validate_config
     from robustlab.fedld.strategies import make_strategy
 
@@ -280,4 +279,6 @@ def main(grid: Grid, context: Context) -> None:
         on_round=on_round,
     )
     if out is not None:
-        atomic_write_json(out / "history.json", {"config": to_jsonable(asdict(cfg)), "history": history})
+        atomic_write_json(
+            out / "history.json", {"config": to_jsonable(to_run_config(cfg)), "history": history}
+        )
