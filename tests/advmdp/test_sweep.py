@@ -74,3 +74,10 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     tables = (out / "tables.md").read_text()
     assert "alg2 − control" in tables and "last decade" in tables
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_per_instance_grid_caps_and_seed_counts():
+    cfg = SweepConfig(max_K=[["standard", 300_000]], seeds_at=[[300_000, 3]])
+    std, small = cfg.regret_config("standard", "stochastic"), cfg.regret_config("small", "switching")
+    assert std.K == [10_000, 30_000, 100_000, 300_000] and small.K[-1] == 1_000_000
+    assert std.seeds_for(300_000) == 3 and std.seeds_for(100_000) == 10

@@ -53,6 +53,9 @@ def regret(
     gamma: float = typer.Option(None, help="Override every schedule's gamma (must be > 0)."),
     workers: int = typer.Option(1, help="Worker processes (cells run in parallel)."),
     backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]; same numbers."),
+    ray_address: str = typer.Option(
+        None, help="Run cells on a Ray cluster: auto | host:port | ray://host:port | local."
+    ),
     out: Path = typer.Option(None, help="Run folder [default: runs/advmdp/regret-<instance>-<losses>]."),
 ) -> None:
     """Regret of each algorithm on a K grid x seeds; resumable per cell; writes summary.json and regret.png."""
@@ -72,6 +75,7 @@ def regret(
         gamma=gamma,
         workers=workers,
         backend=backend,
+        ray_address=ray_address,
     )
     validate(cfg)  # every check before the run folder exists
     target = out or Path("runs") / "advmdp" / f"regret-{Path(instance).stem}-{Path(losses).stem}"
@@ -90,6 +94,9 @@ def tune(
     extend: int = typer.Option(2, help="Times an axis may be extended when the best value is on its edge."),
     workers: int = typer.Option(1, help="Worker processes."),
     backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]."),
+    ray_address: str = typer.Option(
+        None, help="Run cells on a Ray cluster: auto | host:port | ray://host:port | local."
+    ),
     out: Path = typer.Option(Path("runs/advmdp/tune"), help="Run folder."),
 ) -> None:
     """Choose (c_eta, c_beta) per algorithm on a pilot instance; freeze them before measuring slopes."""
@@ -118,7 +125,17 @@ def tune(
     if backend is not None:
         resolve_backend(backend)
     cfg = TuneConfig(
-        names, ce, cb, K, seeds, instance_seed, loss_names, extend, workers=workers, backend=backend
+        names,
+        ce,
+        cb,
+        K,
+        seeds,
+        instance_seed,
+        loss_names,
+        extend,
+        workers=workers,
+        backend=backend,
+        ray_address=ray_address,
     )
     tune_constants(cfg, out, echo=typer.echo)
 
@@ -134,8 +151,12 @@ def sweep(
     K: str = typer.Option("10000,30000,100000,300000,1000000", "--K", help="Comma-separated K values."),
     seeds: int = typer.Option(10, help="Learner seeds per cell."),
     seeds_at: str = typer.Option("", help="Fewer seeds at some K: K:seeds,... e.g. 1000000:3."),
+    max_K: str = typer.Option("", "--max-K", help="A smaller grid for some instances: instance:K,..."),
     workers: int = typer.Option(1, help="Worker processes (one pool over every grid)."),
     backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]."),
+    ray_address: str = typer.Option(
+        None, help="Run cells on a Ray cluster: auto | host:port | ray://host:port | local."
+    ),
 ) -> None:
     """The evidence sweep: every (instance, losses) grid, resumable per cell, cheapest cells first."""
     from robustlab.advmdp.experiment import parse_int_list
@@ -145,6 +166,10 @@ def sweep(
         at = [[int(float(a)), int(b)] for a, b in (x.split(":") for x in seeds_at.split(",") if x.strip())]
     except ValueError as exc:
         raise UserError(f"cannot parse --seeds-at {seeds_at!r}", "use K:seeds,... e.g. 1000000:3") from exc
+    try:
+        caps = [[i, int(float(k))] for i, k in (x.split(":") for x in max_K.split(",") if x.strip())]
+    except ValueError as exc:
+        raise UserError(f"cannot parse --max-K {max_K!r}", "use instance:K,... e.g. standard:300000") from exc
     if seeds < 1 or workers < 1 or any(n < 1 for _, n in at):
         raise UserError("seeds and workers must be >= 1", "fix --seeds, --seeds-at or --workers")
     cfg = SweepConfig(
@@ -154,8 +179,10 @@ def sweep(
         K=parse_int_list(K, "--K"),
         seeds=seeds,
         seeds_at=at,
+        max_K=caps,
         workers=workers,
         backend=backend,
+        ray_address=ray_address,
     )
     run_sweep(cfg, out, echo=typer.echo)
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,9 +24,11 @@ from robustlab.advmdp.algorithms.engine import resolve_backend
 from robustlab.advmdp.algorithms.specs import FROZEN_CONSTANTS, base_name
 from robustlab.advmdp.losses import LOSS_SEQUENCES, LossSequence, make_losses
 from robustlab.advmdp.mdp import LinearMDP
+from robustlab.advmdp.pool import cell_pool
 from robustlab.errors import UserError
 
 INSTANCES = ("standard", "small", "lock")
+LOCAL_KEYS = ("workers", "backend", "ray_address")  # config entries that change where cells run, not a number
 STANDARD = {"horizon": 5, "n_states": 20, "n_actions": 5, "dim": 8}
 
 # FROZEN_CONSTANTS (imported above) were chosen on the pilot instance; see algorithms/specs.py.
@@ -89,6 +91,7 @@ class RegretConfig:
     workers: int = 1
     backend: str | None = None  # numpy | numba; None: numba when installed (same numbers either way)
     seeds_at: list[list[int]] = field(default_factory=list)  # [[K, seeds], ...] overrides ``seeds`` at K
+    ray_address: str | None = None  # run the cells on a Ray cluster instead of local processes
 
     def seeds_for(self, K: int) -> int:
         return dict((int(k), int(n)) for k, n in self.seeds_at).get(int(K), self.seeds)
@@ -318,7 +321,7 @@ def run_regret(cfg: RegretConfig, out: str | Path, echo: Callable[[str], None] =
 
     mdp, _ = validate(cfg)
     config = asdict(cfg)
-    keys = [k for k in config if k not in ("workers", "backend")]  # neither changes a number
+    keys = [k for k in config if k not in LOCAL_KEYS]
     run = RunDir.open(out, config, seed=cfg.seed, resume_keys=keys)
     todo = [(a, k) for a in cfg.algorithms for k in cfg.K if not run.is_done(cell_key(algorithm=a, K=k))]
     # small K first: an interrupted sweep still holds every algorithm's smaller-K cells
@@ -327,13 +330,13 @@ def run_regret(cfg: RegretConfig, out: str | Path, echo: Callable[[str], None] =
         echo(
             f"{len(todo)} cells to run ({len(cfg.algorithms) * len(cfg.K) - len(todo)} already done) on {cfg.workers} worker(s)"
         )
-    if cfg.workers == 1:
+    if cfg.workers == 1 and not cfg.ray_address:
         for a, k in track(todo, "cells"):
             res = run_cell(config, a, k)
             run.save(cell_key(algorithm=a, K=k), res)
             run.log(algorithm=a, K=k, regret_mean=float(np.mean(res["regret"])), seconds=res["seconds"])
     elif todo:
-        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        with cell_pool(cfg.workers, cfg.ray_address) as pool:
             futs = {pool.submit(run_cell, config, a, k): (a, k) for a, k in todo}
             for f in track(as_completed(futs), "cells", total=len(futs)):
                 a, k = futs[f]
@@ -388,9 +391,10 @@ class TuneConfig:
     losses: list[str] = field(default_factory=lambda: ["stochastic"])
     extend: int = 2
     screen_seeds: int = 1
-    finalists: int = 2
+    finalists: int = 1
     workers: int = 1
     backend: str | None = None
+    ray_address: str | None = None
 
 
 def _tune_key(a: str, loss: str, ce: float, cb: float, seeds: int, full: int) -> str:
@@ -459,11 +463,11 @@ def tune_constants(cfg: TuneConfig, out: str | Path, echo: Callable[[str], None]
         if not jobs:
             return
         echo(f"tuning: {len(jobs)} points with {n} seed(s) to run on {cfg.workers} worker(s)")
-        if cfg.workers == 1:
+        if cfg.workers == 1 and not cfg.ray_address:
             for j in jobs:
                 run.save(key(*j), _tune_point(config, *j))
             return
-        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+        with cell_pool(cfg.workers, cfg.ray_address) as pool:
             futs = {pool.submit(_tune_point, config, *j): j for j in jobs}
             for f in as_completed(futs):
                 run.save(key(*futs[f]), f.result())
@@ -549,10 +553,39 @@ def tune_constants(cfg: TuneConfig, out: str | Path, echo: Callable[[str], None]
         "chosen": chosen,
     }
     run.write_summary(result)
+    Path(out, "table.md").write_text(format_tuning(result))
     Path(out, "constants.json").write_text(
         json.dumps({a: [c["c_eta"], c["c_beta"]] for a, c in chosen.items()}, indent=2)
     )
     return result
+
+
+def format_tuning(summary: dict) -> str:
+    """Markdown of a tuning summary: per algorithm the screened grid (mean regret, 1 seed by default), the
+    finalists with every seed, the choice and where it sits in the final grid."""
+    lines = [
+        f"Pilot instance seed {summary['pilot_instance_seed']}, K = {summary['K']:,}, losses "
+        f"{', '.join(summary['losses'])}; finalists with {summary['seeds']} seeds.\n"
+    ]
+    for a, c in summary["chosen"].items():
+        ces = sorted({p["c_eta"] for p in c["screened"]})
+        cbs = sorted({p["c_beta"] for p in c["screened"]})
+        val = {(p["c_eta"], p["c_beta"]): p["mean_regret"] for p in c["screened"]}
+        where = (
+            f"on the grid edge in {', '.join(c['on_grid_edge'])}" if c["on_grid_edge"] else "inside the grid"
+        )
+        lines.append(
+            f"**{a}**: chosen c_η = {c['c_eta']:.4g}, c_β = {c['c_beta']:.4g} ({where}; c_η grid "
+            f"{', '.join(f'{x:g}' for x in c['c_eta_grid'])}; c_β grid {', '.join(f'{x:g}' for x in c['c_beta_grid'])})\n"
+        )
+        lines.append("| c_η \\ c_β | " + " | ".join(f"{b:g}" for b in cbs) + " |")
+        lines.append("|---|" + "---|" * len(cbs))
+        for e in ces:
+            cells = [f"{val[(e, b)]:.0f}" if (e, b) in val else "" for b in cbs]
+            lines.append(f"| {e:.4g} | " + " | ".join(cells) + " |")
+        fin = ", ".join(f"({p['c_eta']:.4g}, {p['c_beta']:.4g}): {p['mean_regret']:.0f}" for p in c["final"])
+        lines.append(f"\nFinal points (c_η, c_β): mean regret over {summary['seeds']} seeds: {fin}.\n")
+    return "\n".join(lines)
 
 
 def summarise_folder(

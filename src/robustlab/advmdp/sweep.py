@@ -12,14 +12,15 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from robustlab.advmdp.algorithms.specs import CONTROL_SUFFIX
-from robustlab.advmdp.experiment import RegretConfig, bootstrap_mean_ci, run_cell, validate
+from robustlab.advmdp.experiment import LOCAL_KEYS, RegretConfig, bootstrap_mean_ci, run_cell, validate
+from robustlab.advmdp.pool import cell_pool
 
 SWEEP_K = [10_000, 30_000, 100_000, 300_000, 1_000_000]
 SWEEP_ALGORITHMS = ["alg1", "alg2", "luo21", "fullinfo", "alg1_control", "alg2_control", "luo21_control"]
@@ -35,19 +36,22 @@ class SweepConfig:
     K: list[int] = field(default_factory=lambda: list(SWEEP_K))
     seeds: int = 10
     seeds_at: list[list[int]] = field(default_factory=list)  # [[K, seeds], ...]: fewer seeds at large K
+    max_K: list[list] = field(default_factory=list)  # [[instance, K], ...]: a smaller grid for an instance
     workers: int = 1
     backend: str | None = None
+    ray_address: str | None = None
 
     def regret_config(self, instance: str, losses: str) -> RegretConfig:
         return RegretConfig(
             instance=instance,
             losses=losses,
             algorithms=list(self.algorithms),
-            K=list(self.K),
+            K=[k for k in self.K if k <= dict((i, int(m)) for i, m in self.max_K).get(instance, k)],
             seeds=self.seeds,
             seeds_at=[list(x) for x in self.seeds_at],
             workers=self.workers,
             backend=self.backend,
+            ray_address=self.ray_address,
         )
 
 
@@ -66,11 +70,11 @@ def run_sweep(cfg: SweepConfig, out: str | Path, echo: Callable[[str], None] = p
             validate(rc)
             conf = asdict(rc)
             run = RunDir.open(
-                _folder(out, inst, ln), conf, resume_keys=[k for k in conf if k not in ("workers", "backend")]
+                _folder(out, inst, ln), conf, resume_keys=[k for k in conf if k not in LOCAL_KEYS]
             )
             runs[inst, ln] = (run, conf)
             for a in cfg.algorithms:
-                for K in cfg.K:
+                for K in rc.K:
                     if not run.is_done(cell_key(algorithm=a, K=K)):
                         cost = K * rc.seeds_for(K) * _COST.get(a, 0.3) * (1.0 if inst == "standard" else 0.1)
                         jobs.append((cost, inst, ln, a, K))
@@ -83,11 +87,11 @@ def run_sweep(cfg: SweepConfig, out: str | Path, echo: Callable[[str], None] = p
         run.log(algorithm=a, K=K, regret_mean=float(np.mean(res["regret"])), seconds=res["seconds"])
         echo(f"done {inst}-{ln} {a} K={K}: {res['seconds']:.0f} s")
 
-    if cfg.workers == 1:
+    if cfg.workers == 1 and not cfg.ray_address:
         for _, inst, ln, a, K in jobs:
             finish(inst, ln, a, K, run_cell(runs[inst, ln][1], a, K))
         return
-    with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+    with cell_pool(cfg.workers, cfg.ray_address) as pool:
         futs = {pool.submit(run_cell, runs[i, ln][1], a, K): (i, ln, a, K) for _, i, ln, a, K in jobs}
         for f in as_completed(futs):
             finish(*futs[f], f.result())
