@@ -126,3 +126,22 @@ def test_alg3_runs_without_simulator_and_is_deterministic(small):
     assert r1.regret[0] == r2.regret[0] and np.isfinite(r1.regret[0])
     assert r1.simulator_calls[0] == 0
     assert r1.extra["schedule"]["W"] >= 2 and r1.params[0].gamma > 0
+
+
+def test_alg3_regression_from_sufficient_statistics_equals_least_squares_on_the_samples():
+    from robustlab.advmdp.algorithms.alg3 import _regression
+
+    rng = np.random.default_rng(0)
+    nA, n, d, ridge = 6, 4, 3, 0.7
+    phi = rng.random((nA, d))
+    samples = [(int(rng.integers(nA)), int(rng.integers(n))) for _ in range(50)]
+    counts = np.zeros((nA, n))
+    for i, t in samples:
+        counts[i, t] += 1
+    X = np.array([phi[i] for i, _ in samples])
+    y_next = rng.random(n)
+    y = np.array([y_next[t] for _, t in samples])
+    Lam = ridge * np.eye(d) + X.T @ X
+    w, Lam_inv = _regression(phi, counts, Lam, y_next)
+    ridge_ls = np.linalg.solve(X.T @ X + ridge * np.eye(d), X.T @ y)
+    assert np.allclose(w, ridge_ls, rtol=1e-12) and np.allclose(Lam_inv @ Lam, np.eye(d), atol=1e-12)

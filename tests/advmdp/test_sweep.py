@@ -81,3 +81,12 @@ def test_per_instance_grid_caps_and_seed_counts():
     std, small = cfg.regret_config("standard", "stochastic"), cfg.regret_config("small", "switching")
     assert std.K == [10_000, 30_000, 100_000, 300_000] and small.K[-1] == 1_000_000
     assert std.seeds_for(300_000) == 3 and std.seeds_for(100_000) == 10
+
+
+def test_alg3_exploration_study(tmp_path):
+    from robustlab.advmdp.sweep import alg3_exploration
+
+    s = alg3_exploration(tmp_path / "x", [120], [0.0, 1.0], seeds=1, echo=lambda _m: None)
+    by = {c["c_explore"]: c for c in s["cells"]}
+    assert by[0.0]["delta_e"] == 0.0 and by[1.0]["delta_e"] == pytest.approx(120 ** (-1 / 9))
+    assert "c_explore" in (tmp_path / "x" / "table.md").read_text()

@@ -200,6 +200,26 @@ def sweep_report(
     build_report(results, plot, echo=typer.echo)
 
 
+@app.command("alg3-exploration")
+def alg3_exploration_cmd(
+    out: Path = typer.Option(Path("results/advmdp/alg3_exploration"), help="Run folder."),
+    K: str = typer.Option("3000,10000", "--K", help="Comma-separated K values."),
+    c_explore: str = typer.Option("0,0.3,1", help="Multipliers of the exploration schedule K^(-1/9)."),
+    seeds: int = typer.Option(3, help="Learner seeds per cell."),
+) -> None:
+    """Alg 3's forced exploration (delta_e = c_explore K^(-1/9)) against its regret, small instance."""
+    from robustlab.advmdp.experiment import parse_int_list
+    from robustlab.advmdp.sweep import alg3_exploration
+
+    try:
+        cs = [float(x) for x in c_explore.split(",") if x.strip()]
+    except ValueError as exc:
+        raise UserError("--c-explore must be comma-separated numbers", "e.g. 0,0.3,1") from exc
+    if seeds < 1 or not cs or min(cs) < 0:
+        raise UserError("seeds >= 1 and c_explore >= 0", "fix --seeds or --c-explore")
+    alg3_exploration(out, parse_int_list(K, "--K"), cs, seeds, echo=typer.echo)
+
+
 @app.command()
 def summarize(
     out: Path = typer.Option(..., help="A regret run folder."),

@@ -378,7 +378,7 @@ class TuneConfig:
     1; the evaluation instance is seed 0), at K episodes, ``seeds`` learner seeds (1000, 1001, ...), every
     point scored by its mean regret over the seeds and loss sequences. Coordinate search over the grids,
     screened with ``screen_seeds`` seeds: (A) every c_eta at the second-smallest c_beta, (B) every c_beta
-    at the best c_eta; (C) while the best point sits on an edge of an axis, that axis is extended by one
+    at the best c_eta, (A') every c_eta again at the best c_beta (gamma depends on both); (C) while the best point sits on an edge of an axis, that axis is extended by one
     decade (at most ``extend`` times per axis). (D) The ``finalists`` best screened points and the
     half-decade neighbours of the best c_eta are evaluated with all ``seeds``; the best of those wins."""
 
@@ -490,6 +490,7 @@ def tune_constants(cfg: TuneConfig, out: str | Path, echo: Callable[[str], None]
     start = {a: grids[a][1][min(1, len(grids[a][1]) - 1)] for a in cfg.algorithms}
     stage([(a, ce, start[a]) for a in cfg.algorithms for ce in grids[a][0]])  # (A)
     stage([(a, best(a)[0], cb) for a in cfg.algorithms for cb in grids[a][1]])  # (B)
+    stage([(a, ce, best(a)[1]) for a in cfg.algorithms for ce in grids[a][0]])  # (A') c_eta again
     for _ in range(cfg.extend):  # (C)
         new = []
         for a in cfg.algorithms:

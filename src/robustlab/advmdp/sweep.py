@@ -300,3 +300,59 @@ def plot_sqrtK(summary: dict, path: Path) -> Path:
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def alg3_exploration(
+    out: str | Path,
+    K: list[int],
+    c_explore: list[float],
+    seeds: int = 3,
+    instance: str = "small",
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Alg 3's forced-exploration schedule delta_e = c_explore K^(-1/9) against its regret: mean regret
+    (bootstrap CI over seeds) per (K, c_explore) on ``instance`` with stochastic losses; writes
+    ``summary.json`` and ``table.md`` under ``out`` (resumable per cell)."""
+    from robustlab.advmdp.algorithms.alg3 import Alg3Config, run_alg3
+    from robustlab.advmdp.experiment import make_instance, make_loss_sequence
+    from robustlab.runs import RunDir, atomic_write_text, cell_key
+
+    conf = {"K": list(K), "c_explore": list(c_explore), "seeds": seeds, "instance": instance}
+    run = RunDir.open(out, conf, seed=0)
+    mdp = make_instance(instance, 0)
+    seq = make_loss_sequence("stochastic", mdp, max(K), 0)
+    rng = np.random.default_rng(7)
+    rows, summary = [], {"config": conf, "cells": []}
+    for k in K:
+        for c in c_explore:
+            key = cell_key(K=k, c_explore=c)
+            if not run.is_done(key):
+                res = [run_alg3(mdp, seq, k, s, Alg3Config(c_explore=c)) for s in range(seeds)]
+                run.save(
+                    key,
+                    {
+                        "K": k,
+                        "c_explore": c,
+                        "regret": [float(r.regret[0]) for r in res],
+                        "delta_e": res[0].extra["schedule"]["delta_e"],
+                        "seconds": sum(r.seconds for r in res),
+                    },
+                )
+            cell = run.load(key)
+            r = np.asarray(cell["regret"])
+            ci = bootstrap_mean_ci(r, rng)
+            summary["cells"].append({**cell, "mean": float(r.mean()), "ci95": ci})
+            rows.append(
+                [
+                    f"{k:,}",
+                    f"{c:g}",
+                    f"{cell['delta_e']:.3f}",
+                    f"{r.mean():.0f} [{ci[0]:.0f}, {ci[1]:.0f}]",
+                    f"{r.mean() / k:.3f}",
+                ]
+            )
+    text = _md(["K", "c_explore", "δ_e", f"regret, mean [95% CI] ({seeds} seeds)", "regret / K"], rows)
+    run.write_summary(summary)
+    atomic_write_text(Path(out) / "table.md", text)
+    echo(text)
+    return summary

@@ -10,13 +10,18 @@ inverse in place of MGR. Choices made, each easy to change through :class:`Alg3C
   (its transitions are added to D), otherwise pi_j. The first ``N`` pi_j-episodes of the epoch give the
   plug-in inverse Sigma_hat^+ = (Sigma_hat + gamma I)^-1 (actions averaged analytically); the remaining
   pi_j-episodes I_j give theta_hat_{j,h} = Sigma_hat^+ (1/|I_j|) sum phi(s_{i,h}, a_{i,h}) L_{i,h}.
-* Dilated bonus without a simulator: an optimistic least-squares backward recursion on D,
+* Dilated bonus without a simulator: an optimistic least-squares backward recursion on D (kept as running
+  sufficient statistics, transition counts and Lambda_h, not as a list of samples),
   B_j(s,a) = b_j(s,a) + (1 + 1/H) clip(phi^T w_h + beta_B ||phi||_{Lambda_h^-1}, 0, B_max) with
   w_h = Lambda_h^-1 sum_{(s,a,s') in D_h} phi(s,a) sum_a' pi_j(a'|s') B_j(s', a').
 * C_{j+1} = C_j + W (Qhat_j - B_j); pi_j is log-barrier FTRL on C_j at every state (the "known state"
   restriction is dropped: with a finite instance every state is evaluated).
-* Powers of K: W = ceil(K^(1/3)), N = ceil(W / 2), delta_e = K^(-1/9), K0 = ceil(K^(2/3)),
+* Powers of K: W = ceil(K^(1/3)), N = ceil(W / 2), delta_e = c_explore K^(-1/9), K0 = ceil(K^(2/3)),
   gamma = c_gamma K^(-1/3), eta = c_eta K^(-2/3), beta = c_beta eta H^2 [R: tuned as K-powers].
+
+Forced exploration costs regret directly: an episode of the uniform cover policy pays the uniform policy's
+gap, so the schedule adds about delta_e K (V_uniform - V_pi) = c_explore K^(8/9) (gap) to the regret;
+``alg3_exploration`` in :mod:`robustlab.advmdp.sweep` measures it against c_explore = 0.
 
 Everything the learner uses comes from real episodes; the exact value of pi is used only to measure
 regret. Costs are counted inside K (no simulator).
@@ -46,6 +51,7 @@ class Alg3Config:
     c_gamma: float = 0.5
     beta_B: float = 0.1
     ridge: float = 1.0
+    c_explore: float = 1.0  # delta_e = c_explore K^(-1/9); 0 switches the forced exploration off
 
     def schedule(self, K: int, H: int) -> dict:
         W = max(2, math.ceil(K ** (1 / 3)))
@@ -53,7 +59,7 @@ class Alg3Config:
         return {
             "W": W,
             "N": max(1, math.ceil(W / 2)),
-            "delta_e": K ** (-1 / 9),
+            "delta_e": min(1.0, self.c_explore * K ** (-1 / 9)),
             "K0": min(K, math.ceil(K ** (2 / 3))),
             "gamma": self.c_gamma * K ** (-1 / 3),
             "eta": eta,
@@ -75,6 +81,16 @@ def _trajectory(mdp: LinearMDP, pi: np.ndarray, rng: np.random.Generator) -> tup
     return S, Aa
 
 
+def _regression(
+    phi: np.ndarray, counts: np.ndarray, Lam: np.ndarray, y_next: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares of y(s') on phi(s, a) over the data D = {(s, a, s')}, from its sufficient
+    statistics: X^T y = sum_D phi(s,a) y(s') = Phi^T (N y) with N the (nA x n) transition counts, and
+    Lambda = ridge I + X^T X. Returns w = Lambda^-1 X^T y and Lambda^-1."""
+    Lam_inv = np.linalg.inv(Lam)
+    return Lam_inv @ (phi.T @ (counts @ y_next)), Lam_inv
+
+
 def run_alg3(
     mdp: LinearMDP, losses: LossSequence, K: int, seed: int, config: Alg3Config | None = None
 ) -> RunResult:
@@ -90,8 +106,11 @@ def run_alg3(
     rng = np.random.default_rng([seed, 3])
     uniform = np.full((H, n, A), 1.0 / A)
     C = np.zeros((H, n, A))
-    D_phi = [[] for _ in range(H - 1)]  # regression data: phi(s,a) and next state, per layer
-    D_next = [[] for _ in range(H - 1)]
+    # Running sufficient statistics of the regression data D_h = {(s, a, s')}: the transition counts
+    # N_h(s, a, s') (H-1, n*A, n) and Lambda_h = ridge I + sum_D phi phi^T (H-1, d, d). For a finite
+    # instance they determine every quantity the least-squares recursion needs (see _regression).
+    trans_counts = np.zeros((max(H - 1, 0), n * A, n))
+    Lam = np.broadcast_to(cfg.ridge * np.eye(d), (max(H - 1, 0), d, d)).copy()
     exp_loss = 0.0
     real_loss = 0.0
     k = 0
@@ -106,8 +125,9 @@ def run_alg3(
         real_loss += float(ell.sum())
         if record:
             for h in range(H - 1):
-                D_phi[h].append(mdp.phi[h, S[h], Aa[h]])
-                D_next[h].append(S[h + 1])
+                trans_counts[h, S[h] * A + Aa[h], S[h + 1]] += 1.0
+                f = mdp.phi[h, S[h], Aa[h]]
+                Lam[h] += np.outer(f, f)
         k += 1
         return S, Aa, ell
 
@@ -149,12 +169,8 @@ def run_alg3(
         Bd = np.zeros((H, n, A))
         Bd[H - 1] = b[H - 1]
         for h in reversed(range(H - 1)):
-            X = np.array(D_phi[h]) if D_phi[h] else np.zeros((0, d))
-            Lam = cfg.ridge * np.eye(d) + X.T @ X
-            Lam_inv = np.linalg.inv(Lam)
             nxt_val = (pi[h + 1] * Bd[h + 1]).sum(-1)  # value of B at next-layer states
-            y = nxt_val[np.array(D_next[h], dtype=int)] if D_next[h] else np.zeros(0)
-            w = Lam_inv @ (X.T @ y)
+            w, Lam_inv = _regression(mdp.phi[h].reshape(n * A, d), trans_counts[h], Lam[h], nxt_val)
             bonus_opt = cfg.beta_B * np.sqrt(np.einsum("sai,ij,saj->sa", mdp.phi[h], Lam_inv, mdp.phi[h]))
             Bd[h] = b[h] + (1 + 1 / H) * np.clip(mdp.phi[h] @ w + bonus_opt, 0.0, sch["B_max"])
         C += (len(est) + len(cov_states)) * (Qhat - Bd)  # pi_j was played this many episodes
