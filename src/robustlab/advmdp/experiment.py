@@ -380,7 +380,9 @@ class TuneConfig:
     screened with ``screen_seeds`` seeds: (A) every c_eta at the second-smallest c_beta, (B) every c_beta
     at the best c_eta, (A') every c_eta again at the best c_beta (gamma depends on both); (C) while the best point sits on an edge of an axis, that axis is extended by one
     decade (at most ``extend`` times per axis). (D) The ``finalists`` best screened points and the
-    half-decade neighbours of the best c_eta are evaluated with all ``seeds``; the best of those wins."""
+    half-decade neighbours of the best c_eta are evaluated with all ``seeds``; (D') while the best of those
+    is an end of the evaluated c_eta range, one more half-decade step (at most ``extend`` times). The best
+    point evaluated with all seeds wins."""
 
     algorithms: list[str] = field(default_factory=lambda: ["alg1", "alg2", "luo21", "fullinfo"])
     c_eta: list[float] = field(default_factory=lambda: list(TUNE_C_ETA))
@@ -515,12 +517,26 @@ def tune_constants(cfg: TuneConfig, out: str | Path, echo: Callable[[str], None]
         top = sorted(evaluated[a], key=lambda p, a=a: score(a, *p, cfg.screen_seeds))[: cfg.finalists]
         pts += [(a, *p) for p in top] + [(a, x, cb) for x in refined[a]]
     stage(pts, is_final=True)
+    for _ in range(cfg.extend):  # (D') while the best final c_eta is an end of the refined range, step on
+        pts = []
+        for a in cfg.algorithms:
+            ce, cb = best(a, is_final=True)
+            done = sorted(x for x, y in final[a] if y == cb)
+            if len(done) > 1 and ce in (done[0], done[-1]):
+                x = ce / math.sqrt(10) if ce == done[0] else ce * math.sqrt(10)
+                refined[a].append(x)
+                pts.append((a, x, cb))
+        if not pts:
+            break
+        stage(pts, is_final=True)
     chosen = {}
     for a in cfg.algorithms:
         ces, cbs = grids[a]
         ce, cb = best(a, is_final=True)
         on_edge = [
-            ax for ax, v, g in (("c_eta", ce, ces), ("c_beta", cb, cbs)) if len(g) > 1 and v in (g[0], g[-1])
+            ax
+            for ax, v, g in (("c_eta", ce, ces), ("c_beta", cb, cbs))
+            if len(g) > 1 and not g[0] < v < g[-1]
         ]
         chosen[a] = {
             "c_eta": ce,

@@ -24,8 +24,9 @@ from robustlab.advmdp.pool import cell_pool
 
 SWEEP_K = [10_000, 30_000, 100_000, 300_000, 1_000_000]
 SWEEP_ALGORITHMS = ["alg1", "alg2", "luo21", "fullinfo", "alg1_control", "alg2_control", "luo21_control"]
-# relative cost of one seed-episode on the standard instance (numba backend, measured), to order the cells
-_COST = {"alg2": 4.0, "alg1": 2.5, "luo21": 2.0}
+# cells run in order of their size (K x seeds, the small instance ~10x cheaper, the deterministic
+# full-information runs ~10x cheaper), and at equal size in this order: Alg 2 and Luo et al. first
+_PRIORITY = ["alg2", "luo21", "alg1"]
 
 
 @dataclass
@@ -76,8 +77,10 @@ def run_sweep(cfg: SweepConfig, out: str | Path, echo: Callable[[str], None] = p
             for a in cfg.algorithms:
                 for K in rc.K:
                     if not run.is_done(cell_key(algorithm=a, K=K)):
-                        cost = K * rc.seeds_for(K) * _COST.get(a, 0.3) * (1.0 if inst == "standard" else 0.1)
-                        jobs.append((cost, inst, ln, a, K))
+                        size = K * rc.seeds_for(K) * (1.0 if inst == "standard" else 0.1)
+                        size *= 1.0 if a in _PRIORITY else 0.1
+                        prio = _PRIORITY.index(a) if a in _PRIORITY else -1
+                        jobs.append((size, prio, inst, ln, a, K))
     jobs.sort()
     echo(f"sweep: {len(jobs)} cells to run on {cfg.workers} worker(s)")
 
@@ -88,11 +91,11 @@ def run_sweep(cfg: SweepConfig, out: str | Path, echo: Callable[[str], None] = p
         echo(f"done {inst}-{ln} {a} K={K}: {res['seconds']:.0f} s")
 
     if cfg.workers == 1 and not cfg.ray_address:
-        for _, inst, ln, a, K in jobs:
+        for _, _, inst, ln, a, K in jobs:
             finish(inst, ln, a, K, run_cell(runs[inst, ln][1], a, K))
         return
     with cell_pool(cfg.workers, cfg.ray_address) as pool:
-        futs = {pool.submit(run_cell, runs[i, ln][1], a, K): (i, ln, a, K) for _, i, ln, a, K in jobs}
+        futs = {pool.submit(run_cell, runs[i, ln][1], a, K): (i, ln, a, K) for _, _, i, ln, a, K in jobs}
         for f in as_completed(futs):
             finish(*futs[f], f.result())
 
