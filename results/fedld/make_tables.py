@@ -32,6 +32,7 @@ MISSING = (
     "> **Not backed by committed cells**: no finished cell of this table is in `results/fedld/`; the numbers"
     " below were built from cells that were lost, and `results/fedld/sweep.sh` regenerates them."
 )
+NONE_YET = "_No finished cell committed yet._"
 TARGETS = (ROOT / "docs" / "fedld.md", ROOT / "README.md")
 
 
@@ -78,12 +79,50 @@ def splice(text: str, dataset: str, block: str) -> str:
     return pattern.sub(lambda _m: f"{start}\n\n{block}\n{end}", text)
 
 
+def pilot_block() -> str | None:
+    """The regime pilot (regime_pilot_lr*/: FedAvg, validation accuracy per round at each client lr, the
+    mean seconds per round) and the lr and rounds frozen from it (regime.json), or ``None`` before it ran."""
+    import json
+    import statistics
+
+    curves = {}
+    for folder in sorted(HERE.glob("regime_pilot_lr*")):
+        cell = folder / "cells" / "method=fedavg__seed=100.json"
+        if cell.is_file():
+            hist = json.loads(cell.read_text())["history"]
+            curves[folder.name[len("regime_pilot_lr") :]] = hist
+    if not curves:
+        return None
+    lrs = sorted(curves, key=float, reverse=True)
+    rounds = max(len(h) for h in curves.values())
+    cols = ["round"] + [f"val acc, lr {lr}" for lr in lrs]
+    rows = [
+        [r] + [f"{curves[lr][r]['val']['accuracy']:.3f}" if r < len(curves[lr]) else "" for lr in lrs]
+        for r in range(1, rounds)
+    ]
+    secs = ", ".join(
+        f"lr {lr}: {statistics.mean(h['seconds'] for h in curves[lr] if h['round'] > 0):.0f} s" for lr in lrs
+    )
+    lines = [
+        markdown_table(cols, rows),
+        "",
+        f"- mean wall time per round (5 clients, one CPU per run): {secs}",
+    ]
+    frozen = HERE / "regime.json"
+    if frozen.is_file():
+        r = json.loads(frozen.read_text())
+        lines.append(f"- frozen for the grid (`regime.json`): client lr {r['lr']:g}, {r['rounds']} rounds")
+    return "\n".join(lines) + "\n"
+
+
 def mark_missing(text: str, group: str) -> str:
     """Put :data:`MISSING` first in ``group``'s block (once)."""
-    start = f"<!-- fedld-results:{group}:start -->"
+    start, end = f"<!-- fedld-results:{group}:start -->", f"<!-- fedld-results:{group}:end -->"
     head, _, rest = text.partition(start)
-    if not rest or rest.lstrip().startswith(MISSING):
+    if not rest or rest.lstrip().startswith((MISSING, NONE_YET)):
         return text
+    if not rest.partition(end)[0].strip():  # an empty block: nothing has run yet
+        return f"{head}{start}\n\n{NONE_YET}\n\n{rest.lstrip()}"
     return f"{head}{start}\n\n{MISSING}\n{rest}"
 
 
@@ -101,6 +140,9 @@ def main() -> None:
         print(f"{folder.name}: {cells} finished cells")
         if cells:
             blocks.setdefault(dataset, []).append(block)
+    pilot = pilot_block()
+    if pilot is not None:
+        blocks["regime-pilot"] = [pilot]
     for path in TARGETS:
         text = path.read_text(encoding="utf-8")
         for group, parts in blocks.items():
