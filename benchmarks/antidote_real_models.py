@@ -141,9 +141,36 @@ def run_model(name: str, args, rows: list[dict], work: Path) -> dict:
     return rec
 
 
+def table(result: dict) -> str:
+    """The README's table of a result file (also ``--table FILE``)."""
+    rows = [
+        "| base | params | LoRA training (q/k/v) | `realign` command | what it wrote | pruned adapter reloaded with peft | answer of base + pruned adapter |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        if "skipped" in m:
+            rows.append(f"| {m['model']} | skipped: {m['skipped']} | | | | | |")
+            continue
+        t, sec = m["training"], m["seconds"]
+        if m["command_exit"] != 0:
+            rows.append(f"| {m['model']} | | | exit {m['command_exit']} | | | |")
+            continue
+        rj, rl = m["realign_json"], m["reloaded"]
+        answer = m["answers_pruned"][0].replace("|", "\\|").replace("\n", " ")[:90]
+        rows.append(
+            f"| {m['model']} | {m['params'] / 1e6:.1f}M | {t['steps']} steps, loss {t['loss_first']:.2f} → "
+            f"{t['loss_last']:.2f}, {sec['lora_training']:.0f} s | exit 0, {sec['realign_command']:.0f} s "
+            f"({rj['calibration_samples']} pairs, α {rj['mask_ratio']}: {rj['zeroed']:,} of {rj['params']:,} "
+            f"zeroed in {rj['modules']} matrices) | {', '.join(m['written'])} | {rl['masked_entries_zero_in_adapter']:,} "
+            f"of {rl['masked_entries']:,} masked entries are 0 | {answer!r} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="folder for the results (required unless --table)")
+    ap.add_argument("--table", default=None, help="print the README table of a result file and exit")
     ap.add_argument("--models", default=",".join(BUILTIN_MODELS))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--train-samples", type=int, default=48)
@@ -164,6 +191,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    if not args.out:
+        ap.error("--out is required")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from robustlab.antidote.data import resolve_data_dir
@@ -194,6 +226,7 @@ def main() -> None:
     }
     path = out / "antidote_real_models.json"
     path.write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text(table(result) + "\n")
     print(f"wrote {path}")
 
 

@@ -92,3 +92,18 @@ def test_models_lists_the_builtin_models(capsys, monkeypatch, tmp_path):
         assert text in out
     lines = [line for line in out.splitlines() if line.startswith("| smollm2") or line.startswith("| gemma3")]
     assert len(lines) == 2 and all("| no |" in line for line in lines)  # nothing cached in an empty cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_pipeline_and_sweep_take_the_runtime_flags(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base: smollm2-135m-instruct\n")
+    one_line_error(
+        capsys,
+        ["antidote", "pipeline", "--config", str(cfg), "--out", str(tmp_path / "p"), "--device", "cuda"],
+        "no CUDA GPU is visible",
+    )
+    one_line_error(
+        capsys, ["antidote", "sweep", "--out", str(tmp_path / "s"), "--dtype", "float8"], "unknown dtype"
+    )
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()

@@ -138,3 +138,33 @@ def test_real_gpu_places_and_autocasts():
     assert next(lin.parameters()).device.type == "cuda"
     with rt.autocast():
         assert lin(torch.randn(2, 4, device=rt.torch_device)).dtype == rt.torch_dtype
+
+
+def test_use_runtime_is_scoped_and_restores_the_previous_one():
+    from robustlab.antidote.runtime import use_runtime
+
+    assert Runtime.entered() is None
+    outer, inner = Runtime.resolve("cpu", "bf16"), Runtime.resolve("cpu", "fp16")
+    with use_runtime(outer):
+        assert Runtime.current() == outer
+        with use_runtime(inner):
+            assert Runtime.entered() == inner
+        assert Runtime.entered() == outer
+    assert Runtime.entered() is None and Runtime.current() == Runtime.resolve()
+
+
+def test_with_runtime_options_resolves_first_and_runs_inside_the_runtime():
+    from robustlab.antidote.runtime import with_runtime_options
+
+    seen = []
+
+    def command(x: int = 1) -> int:
+        seen.append(Runtime.entered())
+        return x
+
+    wrapped = with_runtime_options(command)
+    assert list(__import__("inspect").signature(wrapped).parameters) == ["x", "device", "dtype", "device_map"]
+    assert wrapped(x=3, device="cpu", dtype="bf16") == 3 and seen == [Runtime("cpu", "bfloat16", None)]
+    with pytest.raises(UserError, match="unknown dtype"):
+        wrapped(device="cpu", dtype="float8")
+    assert len(seen) == 1  # the command never ran

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import typer
 
-from robustlab.antidote.runtime import Runtime, device_map_option, device_option, dtype_option
+from robustlab.antidote.runtime import (
+    Runtime,
+    device_map_option,
+    device_option,
+    dtype_option,
+    with_runtime_options,
+)
 from robustlab.errors import UserError
 
 app = typer.Typer(
@@ -158,5 +164,6 @@ def demo(
 # it is the plain align -> fine-tune -> re-align -> evaluate pipeline. ``sweep`` is the robustness sweep.
 from robustlab.antidote.sweep_cli import method_pipeline, sweep  # noqa: E402
 
-app.command(name="pipeline")(method_pipeline)
-app.command(name="sweep")(sweep)
+# --device/--dtype/--device-map reach their loading, training and evaluation through use_runtime
+app.command(name="pipeline")(with_runtime_options(method_pipeline))
+app.command(name="sweep")(with_runtime_options(sweep))

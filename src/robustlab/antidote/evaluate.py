@@ -45,7 +45,7 @@ def generate(
     encoded = [encode_prompt(tokenizer, p, max_prompt) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
-    rt = runtime or Runtime.cpu()
+    rt = runtime or Runtime.entered() or Runtime.cpu()
     dev = rt.input_device(model)
     was_training = model.training
     model.eval()
@@ -108,7 +108,7 @@ def answer_token_nlls(
 
     feats = [encode_example(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
     pad = pad_id(tokenizer)
-    rt = runtime or Runtime.cpu()
+    rt = runtime or Runtime.entered() or Runtime.cpu()
     dev = rt.input_device(model)
     result: list[list[float]] = []
     was_training = model.training

@@ -305,7 +305,8 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load ``base``, merge ``align_adapter`` into it, and load the fine-tuning ``adapter`` on top
     (unmerged). Returns ``(model, tokenizer)`` with the model in eval mode, on ``runtime``'s device (or
-    spread by its device map) in its dtype; ``runtime`` defaults to ``Runtime.resolve()`` (``auto``).
+    spread by its device map) in its dtype; ``runtime`` defaults to :meth:`Runtime.current` (the command's
+    flags, else ``auto``).
 
     ``base`` is a local folder, a hub id (online), a ``.gguf`` file or a built-in name
     (:data:`~robustlab.antidote.sources.BUILTIN_MODELS`; GGUF checkpoints are dequantised into the cache
@@ -315,7 +316,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    runtime = runtime or Runtime.resolve()
+    runtime = runtime or Runtime.current()
     align_path = resolve_adapter(align_adapter, "alignment") if align_adapter else None
     adapter_path = resolve_adapter(adapter, "fine-tuning") if adapter else None
     if align_path is not None:
@@ -497,7 +498,7 @@ def realign_from_paths(
             f"output folder {out_path} already exists and is not empty", "pick a new --out folder"
         )
     rows = read_calibration_file(calibration_file, limit=limit)
-    runtime = runtime or Runtime.resolve()
+    runtime = runtime or Runtime.current()
     seed_everything(seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(

@@ -14,16 +14,28 @@ or dtype, a CUDA device that is not there, or a device map without accelerate ra
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import importlib.util
+import inspect
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from robustlab.errors import UserError
 
-__all__ = ["DEVICE_MAPS", "DTYPES", "Runtime", "device_map_option", "device_option", "dtype_option"]
+__all__ = [
+    "DEVICE_MAPS",
+    "DTYPES",
+    "Runtime",
+    "device_map_option",
+    "device_option",
+    "dtype_option",
+    "use_runtime",
+    "with_runtime_options",
+]
 
 #: Accepted ``--dtype`` spellings and the torch dtype each names (``auto`` is resolved by the device).
 DTYPES: dict[str, str] = {
@@ -131,6 +143,18 @@ class Runtime:
         return cls(device=dev, dtype=_parse_dtype(dtype, dev), device_map=_parse_device_map(device_map))
 
     @classmethod
+    def current(cls) -> Runtime:
+        """The runtime of the enclosing :func:`use_runtime` block (a command's ``--device/--dtype/
+        --device-map``), else ``Runtime.resolve()`` (``auto``)."""
+        entered = _CURRENT.get()
+        return entered if entered is not None else cls.resolve()
+
+    @classmethod
+    def entered(cls) -> Runtime | None:
+        """The runtime of the enclosing :func:`use_runtime` block, or ``None`` outside one."""
+        return _CURRENT.get()
+
+    @classmethod
     def cpu(cls) -> Runtime:
         """CPU, float32: the official code's precision, and the reference every test compares against."""
         return cls("cpu", "float32", None)
@@ -229,6 +253,21 @@ class Runtime:
         return info
 
 
+_CURRENT: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("antidote_runtime", default=None)
+
+
+@contextlib.contextmanager
+def use_runtime(runtime: Runtime) -> Iterator[Runtime]:
+    """Within the block, stages called without an explicit ``runtime`` use this one (loading, training,
+    evaluation): how a command's flags reach code several calls down without threading an argument
+    through every configuration object. Scoped, not global: the previous runtime returns on exit."""
+    token = _CURRENT.set(runtime)
+    try:
+        yield runtime
+    finally:
+        _CURRENT.reset(token)
+
+
 # --------------------------------------------------------------------------- CLI options
 
 # Factories rather than shared constants: each command gets its own typer.Option object.
@@ -258,3 +297,33 @@ def device_map_option() -> Any:
         "--device-map",
         help="accelerate device map for models larger than one GPU: auto | balanced | sequential | JSON.",
     )
+
+
+def with_runtime_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` (a typer command function) with ``--device``, ``--dtype`` and ``--device-map`` added: the
+    runtime is resolved (and checked) first, then ``command`` runs inside :func:`use_runtime`."""
+    sig = inspect.signature(command)
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=factory(), annotation=str)
+        for name, factory in (
+            ("device", device_option),
+            ("dtype", dtype_option),
+            ("device_map", device_map_option),
+        )
+    ]
+
+    @functools.wraps(command)
+    def run(
+        *args: Any, device: str = "auto", dtype: str = "auto", device_map: str | None = None, **kwargs: Any
+    ) -> Any:
+        with use_runtime(Runtime.resolve(device, dtype, device_map)):
+            return command(*args, **kwargs)
+
+    run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
+    run.__annotations__ = {
+        **getattr(command, "__annotations__", {}),
+        "device": "str",
+        "dtype": "str",
+        "device_map": "str",
+    }
+    return run

@@ -207,7 +207,8 @@ def train(
     ``runtime`` places the model (unless a device map did) and sets the precision: every batch goes to the
     model's input device, and for bfloat16/float16 the forward pass runs under ``torch.autocast`` (a new
     LoRA adapter stays float32, peft's default, so the optimiser updates full-precision weights; float16 on
-    CUDA adds loss scaling). Without ``runtime`` the model stays where it is, in its dtype.
+    CUDA adds loss scaling). Without ``runtime`` (and outside a ``use_runtime`` block) the model stays
+    where it is, in its dtype.
 
     Deterministic for a seed on CPU: the batch order comes from ``random.Random(seed)``, LoRA init from
     ``torch.manual_seed(seed)``.
@@ -220,6 +221,7 @@ def train(
     config.validate()
     if not examples:
         raise UserError("the training set is empty", "pass at least one example")
+    runtime = runtime or Runtime.entered()
     if runtime is not None:
         model = runtime.place(model)
     if config.gradient_checkpointing:
