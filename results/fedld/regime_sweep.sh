@@ -3,8 +3,8 @@
 # beta in {0.5, 100, 1}, methods FedAvg, FedAvg unweighted, FedLD, FedAvg with FedLD's server step, PG
 # aggregation only, margin only, seeds 0-2, with the lr and rounds frozen in results/fedld/regime.json
 # (choose_regime.py, from the FedAvg pilot's validation curves). Two lanes (one CPU each), one folder per
-# beta (the two lanes work on different betas); jobs ordered so that a partial grid has FedAvg and FedLD
-# first. Resumable: finished cells are skipped, a killed cell continues from its last round.
+# beta (the two lanes work on different betas); jobs ordered so that a partial grid has FedLD (whose cell
+# logs its update ratio and cosine against FedAvg every round), then FedAvg, first. Resumable: finished cells are skipped, a killed cell continues from its last round.
 # Usage (repo root): results/fedld/regime_sweep.sh [DATA_DIR]
 set -u
 cd "$(dirname "$0")/../.."
@@ -14,7 +14,10 @@ rounds=$(.venv/bin/python -c 'import json; print(json.load(open("results/fedld/r
 export data_dir lr rounds
 jobs() {  # one job = one (beta, methods) step of a folder, grown seed by seed
   for s in 1 2 3; do
-    for b in 0.5 100 1; do echo "$b fedavg,fedld $s"; done
+    # FedLD first (its cell alone logs the update ratio and cosine against FedAvg on the same deltas), then
+    # FedAvg; beta 0.5 and 100 side by side, then beta 1
+    echo "0.5 fedld $s"; echo "100 fedld $s"; echo "0.5 fedavg,fedld $s"; echo "100 fedavg,fedld $s"
+    echo "1 fedld $s"; echo "1 fedavg,fedld $s"
     for b in 0.5 100 1; do echo "$b fedavg,fedld,fedavg-slr,fedavg-unweighted,fedld-pg,fedld-margin $s"; done
   done
 }
