@@ -56,7 +56,7 @@ def test_committed_folders_still_resume_with_todays_defaults():
 
     from robustlab.fedld.experiment import RESUME_KEYS, _resume_keys
 
-    for folder in sorted(RESULTS.glob("*_beta*")):
+    for folder in sorted(f for f in RESULTS.glob("*_beta*") if (f / "config.yaml").is_file()):
         old = yaml.safe_load((folder / "config.yaml").read_text())
         keep = {k: v for k, v in old.items() if k in ExperimentConfig.__dataclass_fields__}
         new = asdict(ExperimentConfig(**keep))
