@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from robustlab.fedld import client_app
-from robustlab.fedld.strategies import SCAFFOLD_C, SCAFFOLD_DC
+from robustlab.fedld.protocol import PENDING_ROUND, SCAFFOLD_C, SCAFFOLD_DC
 from robustlab.fedld.task import TaskSpec, load_task
 
 SPEC = TaskSpec(dataset="digits", num_partitions=3, beta=1.0, seed=0, min_partition_size=10)
@@ -166,7 +166,7 @@ def test_scaffold_control_variates_follow_option_two(task):
         np.testing.assert_allclose(stored[n].numpy(), c_plus, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(out[SCAFFOLD_DC + n].numpy(), c_plus, rtol=1e-4, atol=1e-5)
     stored = {k: v for k, v in stored.items()}
-    made_in = int(stored[client_app.PENDING_ROUND].numpy()[0])
+    made_in = int(stored[PENDING_ROUND].numpy()[0])
     # the server applied it (its accepted round for partition 0 is that round): committed
     client_app.settle_scaffold(ctx, {"scaffold-accepted-rounds": [made_in, -1]}, 0)
     assert "scaffold-ci-pending" not in ctx.state

@@ -14,10 +14,10 @@ pytest.importorskip("ray")
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-from robustlab.fedld.client_app import PENDING_ROUND
 from robustlab.fedld.client_app import app as client_app
+from robustlab.fedld.protocol import PENDING_ROUND, SCAFFOLD_C
 from robustlab.fedld.server_app import run_training
-from robustlab.fedld.strategies import SCAFFOLD_C, FedAvg, FedLD, Scaffold
+from robustlab.fedld.strategies import FedAvg, FedLD, Scaffold
 from robustlab.fedld.task import TaskSpec, load_task
 
 SPEC = TaskSpec(dataset="digits", num_partitions=3, beta=1.0, seed=0)

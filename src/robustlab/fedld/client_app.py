@@ -49,7 +49,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from robustlab.fedld.strategies import (
+from robustlab.fedld.protocol import (
     FEDPAC,
     FEDPAC_COUNT,
     FEDPAC_GLOBAL_COUNT,
@@ -58,6 +58,8 @@ from robustlab.fedld.strategies import (
     FEDPAC_HEAD,
     FEDPAC_PROTO,
     FEDPAC_V,
+    PENDING_ROUND,
+    SCAFFOLD_ACCEPTED,
     SCAFFOLD_C,
     SCAFFOLD_DC,
 )
@@ -83,8 +85,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 STATE_KEYS = ("scaffold-ci", "scaffold-ci-pending", "moon-prev", "fedbn-local", "fedpac-head")
-#: entry of ``scaffold-ci-pending`` holding the round that produced it
-PENDING_ROUND = "__round__"
 
 
 class InjectedFault(RuntimeError):
@@ -514,7 +514,7 @@ def settle_scaffold(context: Context, config: Mapping[str, Any], partition_id: i
         return
     pending = dict(context.state["scaffold-ci-pending"].items())  # type: ignore[union-attr]
     made_in = int(pending.pop(PENDING_ROUND).numpy()[0])
-    accepted = list(config.get("scaffold-accepted-rounds", []) or [])
+    accepted = list(config.get(SCAFFOLD_ACCEPTED, []) or [])
     if partition_id < len(accepted) and int(accepted[partition_id]) == made_in:
         context.state["scaffold-ci"] = ArrayRecord(pending)
     del context.state["scaffold-ci-pending"]

@@ -32,7 +32,7 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from robustlab.fedld.strategies import arrays_to_numpy, numpy_to_arrays
+from robustlab.fedld.protocol import arrays_to_numpy, numpy_to_arrays
 from robustlab.fedld.task import Task, load_task
 from robustlab.runs import atomic_write_bytes, atomic_write_json, to_jsonable
 

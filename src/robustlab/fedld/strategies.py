@@ -37,37 +37,31 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
 from flwr.serverapp.strategy import FedProx as _FlowerFedProx
 
+from robustlab.fedld.protocol import (
+    FEDPAC,
+    FEDPAC_COUNT,
+    FEDPAC_GLOBAL_COUNT,
+    FEDPAC_GLOBAL_PROTO,
+    FEDPAC_H,
+    FEDPAC_HEAD,
+    FEDPAC_PROTO,
+    FEDPAC_V,
+    SCAFFOLD_ACCEPTED,
+    SCAFFOLD_C,
+    SCAFFOLD_DC,
+    NDict,
+    arrays_to_numpy,
+    numpy_to_arrays,
+)
+
 log = logging.getLogger("robustlab.fedld")
 
-NUM_EXAMPLES = "num-examples"
-SCAFFOLD_C = "scaffold-c::"  # server control variate entries, sent inside the arrays record
-SCAFFOLD_DC = "scaffold-dc::"  # client control-variate change, returned inside the arrays record
-FEDPAC = "fedpac::"  # FedPAC's extra entries inside the arrays records (both directions)
-FEDPAC_HEAD = FEDPAC + "head::"  # server -> client: this client's personalised head (model key after it)
-FEDPAC_GLOBAL_PROTO = FEDPAC + "global-proto"  # server -> client: (C, d) global class prototypes
-FEDPAC_GLOBAL_COUNT = FEDPAC + "global-proto-count"  # server -> client: (C,) samples behind each prototype
-FEDPAC_V = FEDPAC + "v"  # client -> server: (1,) feature variance term v_i
-FEDPAC_H = FEDPAC + "h"  # client -> server: (C, d) h_i[k] = p_ik * mean feature of class k
-FEDPAC_PROTO = FEDPAC + "proto"  # client -> server: (C, d) local class prototypes after training
-FEDPAC_COUNT = FEDPAC + "proto-count"  # client -> server: (C,) class counts (0 = class absent)
-
-NDict = dict[str, np.ndarray]
 
 #: state entries that are buffers, not parameters (BatchNorm statistics)
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 # --------------------------------------------------------------------------- array helpers
-
-
-def arrays_to_numpy(record: ArrayRecord) -> NDict:
-    """An ``ArrayRecord`` as ``{name: ndarray}`` (copies)."""
-    return {k: np.array(v.numpy(), copy=True) for k, v in record.items()}
-
-
-def numpy_to_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """``{name: ndarray}`` as an ``ArrayRecord`` (order kept)."""
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def cast_like(arrays: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> NDict:
@@ -659,7 +653,7 @@ class Scaffold(_DeltaStrategy):
 
     local_algorithm = "scaffold"
     reply_extra_prefixes = (SCAFFOLD_DC,)
-    ACCEPTED = "scaffold-accepted-rounds"
+    ACCEPTED = SCAFFOLD_ACCEPTED
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
