@@ -33,6 +33,7 @@ MISSING = (
     " below were built from cells that were lost, and `results/fedld/sweep.sh` regenerates them."
 )
 NONE_YET = "_No finished cell committed yet._"
+OWN = " (clients' own models)"
 TARGETS = (ROOT / "docs" / "fedld.md", ROOT / "README.md")
 
 
@@ -51,13 +52,22 @@ def folder_block(folder: Path) -> tuple[str, str, int]:
         f", {'ImageNet-pretrained ' if cfg.pretrained else ''}{cfg.model} at {cfg.image_size or 'native'} px"
         f", client lr {cfg.lr:g}"
     )  # fmt: skip
+    own = [r for r in rows if str(r[0]).endswith(OWN)]
     lines = [
         f"**{NAMES.get(cfg.dataset, cfg.dataset)}{model}, {cfg.clients} clients, Dirichlet beta = {cfg.beta:g}, "
         f"{cfg.rounds} rounds** (finished seeds per method in column 2)",
         "",
-        markdown_table(cols, rows),
+        markdown_table(cols, [r for r in rows if not str(r[0]).endswith(OWN)]),
         "",
     ]
+    if own:  # personalised methods: each client's own model on its own shares, not the global model
+        lines += [
+            "Personalised methods, scored on the clients' own models (local BatchNorm; personal head) over "
+            "their own shares of the splits: not comparable with the global-model rows above",
+            "",
+            markdown_table(cols, [[str(r[0])[: -len(OWN)], *r[1:]] for r in own]),
+            "",
+        ]
     methods = summary["methods"]
     if "fedld" in methods:
         ps = methods["fedld"]["per_seed"]
