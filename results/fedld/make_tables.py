@@ -44,9 +44,33 @@ def load(folder: Path) -> tuple[RunDir, ExperimentConfig, dict]:
     return run, cfg, summarize(run, cfg)
 
 
+def round_costs(run: RunDir, rounds: int) -> str | None:
+    """Median seconds per round (whole round; server aggregation alone) of FedAvg and FedLD over their
+    finished cells in a folder, and the FedLD / FedAvg ratio; ``None`` unless both have a cell."""
+    import statistics
+
+    per: dict[str, dict[str, list[float]]] = {}
+    for key in run.done_keys():
+        cell = run.load(key)
+        if cell["method"] in ("fedavg", "fedld"):
+            hist = [h for h in cell["history"] if 0 < h["round"] <= rounds]
+            d = per.setdefault(cell["method"], {"seconds": [], "aggregate_seconds": []})
+            for k in d:
+                d[k] += [float(h[k]) for h in hist]
+    if set(per) != {"fedavg", "fedld"}:
+        return None
+    med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in per.items()}
+    return (
+        f"- median seconds per round, whole round (aggregation alone): FedAvg {med['fedavg']['seconds']:.0f} "
+        f"({med['fedavg']['aggregate_seconds']:.2f}), FedLD {med['fedld']['seconds']:.0f} "
+        f"({med['fedld']['aggregate_seconds']:.2f}); FedLD / FedAvg {med['fedld']['seconds'] / med['fedavg']['seconds']:.2f} "
+        "(cells run at different times on the shared cores: the whole-round ratio carries the load's drift)"
+    )
+
+
 def folder_block(folder: Path) -> tuple[str, str, int]:
     """(group, markdown, finished cells) for one run folder."""
-    _, cfg, summary = load(folder)
+    run, cfg, summary = load(folder)
     cols, rows = summary_table(summary)
     model = "" if cfg.model == "cnn" else (
         f", {'ImageNet-pretrained ' if cfg.pretrained else ''}{cfg.model} at {cfg.image_size or 'native'} px"
@@ -77,6 +101,9 @@ def folder_block(folder: Path) -> tuple[str, str, int]:
     if "fedavg-slr" in methods:
         lrs = ", ".join(f"{p['server_lr']:.3f}" for p in methods["fedavg-slr"]["per_seed"])
         lines.append(f"- FedAvg (server lr) used server lr {lrs} (seed order)")
+    costs = round_costs(run, cfg.rounds) if cfg.model != "cnn" else None
+    if costs:
+        lines.append(costs)
     cells = sum(len(m["seeds"]) for m in methods.values())
     return folder.name.rsplit("_beta", 1)[0], "\n".join(lines).rstrip() + "\n", cells
 

@@ -210,7 +210,7 @@ def test_a_lost_supernode_delays_the_round_a_bounded_time_then_it_goes_on(caplog
     assert "2 of 3 SuperNodes connected" in caplog.text and "going on" in caplog.text
     # Flower's own sampling runs with its minimums lowered to the nodes present (so it does not block)
     seen = s._with_present_nodes(_FakeGrid([11, 12]), 4, lambda: [(s.min_available_nodes, s.min_train_nodes)])
-    assert seen == [(2, 2)] and s.num_nodes_seen == 2
+    assert seen == [(2, 2)] and s.last_diagnostics["nodes"] == 2
     assert (s.min_available_nodes, s.min_train_nodes) == (3, 3)  # restored
     strict = FedAvg(min_available_nodes=3, min_train_nodes=3, min_nodes=3, node_wait=0.2)
     with caplog.at_level("WARNING", logger="robustlab.fedld"):

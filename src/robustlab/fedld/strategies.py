@@ -163,7 +163,6 @@ class _RobustMixin:
         self.global_arrays: NDict | None = None
         self.last_diagnostics: dict[str, float] = {}
         self.skipped_rounds: list[int] = []
-        self.num_nodes_seen = 0
 
     # -- which SuperNodes take part
     def available_nodes(self, grid: Grid, server_round: int) -> list[int]:
@@ -195,7 +194,6 @@ class _RobustMixin:
         """Run Flower's ``configure_*`` with its node minimums lowered to the nodes present, so that its own
         sampling (which would wait for ``min_available_nodes`` forever) takes them as they are."""
         nodes = self.available_nodes(grid, server_round)
-        self.num_nodes_seen = len(nodes)
         self.last_diagnostics.setdefault("nodes", float(len(nodes)))  # the training phase's count
         if not nodes:
             return []
