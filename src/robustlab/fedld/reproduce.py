@@ -149,6 +149,8 @@ def _committed_sweep() -> dict[str, dict[float, dict[str, dict[int, float]]]]:
         if not (folder / "config.yaml").is_file() or not (folder / "cells").is_dir():
             continue
         cfg = ExperimentConfig(**yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
+        if cfg.model != "cnn":  # the pretrained-backbone regime grid is its own study, not this sweep
+            continue
         summary = summarize(RunDir(folder), cfg)
         out.setdefault(cfg.dataset, {})[float(cfg.beta)] = {
             method: {p["seed"]: p["best"]["accuracy"] for p in m["per_seed"]}
