@@ -17,7 +17,7 @@ Every number is a ratio against a baseline measured in the same run:
   runs ``realign`` over the four widest batches and reads ``VmHWM``; peak over weights = (peak RSS - RSS before loading) / weight bytes.
   On CUDA: ``torch.cuda.max_memory_allocated`` / weight bytes.
 
-Masks must be identical at α = 0.05 and 0.1: in float32 (a near-tie could flip under different batch shapes;
+Masks must be identical (at every ratio of ``RATIOS``): in float32 (a near-tie could flip under different batch shapes;
 the count is reported) and exactly in float64 on the first ``--exact-samples`` samples (asserted).
 
     python benchmarks/antidote_calibration.py --out runs/bench            # SmolLM2, 256 pairs, 2 threads
@@ -44,7 +44,7 @@ from robustlab.antidote import realign as R
 from robustlab.antidote.models import calibration_texts, load_model, read_calibration_file
 from robustlab.antidote.runtime import Runtime
 
-RATIOS = (0.05, 0.1)  # the paper's GSM8K/AG News and SST-2 ratios
+RATIOS = (0.05,)  # the paper's GSM8K / AG News ratio (add 0.1, SST-2, for a second check: one more pass)
 TARGETS = ("q_proj", "k_proj", "v_proj")
 
 

@@ -48,14 +48,21 @@ def greedy(model, tok, prompts, n):
 
 
 def run_model(name: str, args, rows: list[dict], work: Path) -> dict:
-    from peft import PeftModel
-
-    rec: dict = {"model": name, "seconds": {}}
+    rec: dict = {"model": name, "seconds": {}, "lora_r": args.lora_r}
     t = time.perf_counter()
     base, tok = load_model(name, runtime=Runtime.cpu(), log=print)
     rec["seconds"]["load_base"] = time.perf_counter() - t
     rec["params"] = sum(p.numel() for p in base.parameters())
 
+    if (
+        args.train_steps == 0
+    ):  # no training: a LoRA on q/k/v with a nonzero B (peft's init_lora_weights=False)
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(args.seed)
+        lcfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "k_proj", "v_proj"],
+                          init_lora_weights=False)  # fmt: skip
+        return finish(name, args, rows, work, rec, get_peft_model(base, lcfg).eval(), tok)
     attack = [Pair(r) for r in rows[: args.train_samples]]
     cfg = TrainConfig(
         mode="lora",
@@ -79,6 +86,13 @@ def run_model(name: str, args, rows: list[dict], work: Path) -> dict:
         "loss_last": result.losses[-1],
         "config": {k: getattr(cfg, k) for k in ("lr", "batch_size", "max_length", "lora_r", "lora_alpha")},
     }
+    return finish(name, args, rows, work, rec, finetuned, tok)
+
+
+def finish(name: str, args, rows: list[dict], work: Path, rec: dict, finetuned, tok) -> dict:
+    """Save the adapter, run the realign command on it, reload the pruned adapter with peft, generate."""
+    from peft import PeftModel
+
     adapter = work / f"{name}-adapter"
     finetuned.save_pretrained(str(adapter))
     lora = {n: p for n, p in finetuned.named_parameters() if "lora_" in n}
@@ -144,25 +158,33 @@ def run_model(name: str, args, rows: list[dict], work: Path) -> dict:
 def table(result: dict) -> str:
     """The README's table of a result file (also ``--table FILE``)."""
     rows = [
-        "| base | params | LoRA training (q/k/v) | `realign` command | what it wrote | pruned adapter reloaded with peft | answer of base + pruned adapter |",
+        "| base | params | LoRA adapter (q/k/v) | `realign` command | what it wrote | pruned adapter reloaded with peft | base + pruned adapter generates |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in result["models"]:
         if "skipped" in m:
             rows.append(f"| {m['model']} | skipped: {m['skipped']} | | | | | |")
             continue
-        t, sec = m["training"], m["seconds"]
+        t, sec = m.get("training"), m["seconds"]
         if m["command_exit"] != 0:
             rows.append(f"| {m['model']} | | | exit {m['command_exit']} | | | |")
             continue
         rj, rl = m["realign_json"], m["reloaded"]
-        answer = m["answers_pruned"][0].replace("|", "\\|").replace("\n", " ")[:90]
+        # the prompts are harmful, so the answers stay in the JSON; the table says that text came back
+        answer = (
+            f"{len(m['answers_pruned'][0].split())} words of text to {len(m['prompts'])} held-out prompt(s)"
+        )
         rows.append(
-            f"| {m['model']} | {m['params'] / 1e6:.1f}M | {t['steps']} steps, loss {t['loss_first']:.2f} → "
-            f"{t['loss_last']:.2f}, {sec['lora_training']:.0f} s | exit 0, {sec['realign_command']:.0f} s "
+            f"| {m['model']} | {m['params'] / 1e6:.1f}M | "
+            + (
+                f"{t['steps']} steps, loss {t['loss_first']:.2f} → {t['loss_last']:.2f}, {sec['lora_training']:.0f} s"
+                if t
+                else f"r={m['lora_r']}, peft init with a nonzero B (not trained)"
+            )
+            + f" | exit 0, {sec['realign_command']:.0f} s "
             f"({rj['calibration_samples']} pairs, α {rj['mask_ratio']}: {rj['zeroed']:,} of {rj['params']:,} "
             f"zeroed in {rj['modules']} matrices) | {', '.join(m['written'])} | {rl['masked_entries_zero_in_adapter']:,} "
-            f"of {rl['masked_entries']:,} masked entries are 0 | {answer!r} |"
+            f"of {rl['masked_entries']:,} masked entries are 0 | {answer} |"
         )
     return "\n".join(rows)
 
@@ -174,7 +196,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(BUILTIN_MODELS))
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--train-samples", type=int, default=48)
-    ap.add_argument("--train-steps", type=int, default=12)
+    ap.add_argument("--train-steps", type=int, default=12, help="0: no training, a peft init with nonzero B")
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-4)

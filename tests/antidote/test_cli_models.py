@@ -36,8 +36,10 @@ def realign(base, calib, out, *extra):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_device_cuda_without_a_gpu(capsys, calib, tmp_path):
-    for command in (realign("smollm2-135m-instruct", calib, tmp_path / "o", "--device", "cuda"),):
-        one_line_error(capsys, command, "no CUDA GPU is visible")
+    for device in ("cuda", "cuda:1"):
+        one_line_error(
+            capsys, realign("smollm2-135m-instruct", calib, tmp_path / "o", "--device", device), "no CUDA GPU"
+        )
     assert not (tmp_path / "o").exists()
 
 
