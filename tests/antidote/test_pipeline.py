@@ -131,7 +131,7 @@ def test_pipeline_runs_and_resumes_without_recomputing(tmp_path, base_dir, share
     cfg = P.load_config(write_cfg(tmp_path, small_config(base_dir, shared_data)))
     out = tmp_path / "run"
     calls = {"eval": 0, "wanda": 0, "train": 0}
-    real_eval, real_wanda, real_train = E.evaluate_model, R.wanda_scores, T.STAGE_METHODS["sft"]
+    real_eval, real_wanda, real_train = E.evaluate_model, R.collect_statistics, T.STAGE_METHODS["sft"]
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -141,7 +141,7 @@ def test_pipeline_runs_and_resumes_without_recomputing(tmp_path, base_dir, share
         return wrapped
 
     monkeypatch.setattr(E, "evaluate_model", count("eval", real_eval))
-    monkeypatch.setattr(R, "wanda_scores", count("wanda", real_wanda))
+    monkeypatch.setattr(R, "collect_statistics", count("wanda", real_wanda))
     monkeypatch.setitem(T.STAGE_METHODS, "sft", count("train", real_train))
     s1 = P.run_pipeline(cfg, out, echo=lambda *_: None)
     # aligned, finetuned, 3 methods x 2 ratios; one Wanda pass for antidote and one for benign (not per ratio)

@@ -154,28 +154,23 @@ class DefenceParams:
         return asdict(self)
 
 
-def harmful_pairs(data: Any, data_dir: Any = None) -> list[Any]:
-    """Harmful prompt -> harmful answer pairs for RepNoise and Booster: the original BeaverTails answers of the
-    alignment set's refusal prompts. They are disjoint from the attack, re-alignment, held-out and evaluation
-    slices by construction (``build_harmful_finetuning`` draws the alignment prompts from the rest of the pool),
-    and *truly harmful*, unlike the official RepNoise script's mostly-SST-2 batches."""
-    from robustlab.antidote.data import load_beavertails
-
-    wanted = {e.uid for e in data.alignment if e.source == "refusal"}
-    if not wanted:
+def harmful_pairs(data: Any) -> list[Any]:
+    """Harmful prompt -> harmful answer pairs for RepNoise and Booster: ``data.harmful_aux``, drawn from the
+    harmful pool disjoint from the attack, re-alignment, held-out and evaluation slices, and *truly harmful*,
+    unlike the official RepNoise script's mostly-SST-2 batches."""
+    if not data.harmful_aux:
         raise UserError(
-            "RepNoise/Booster need harmful pairs but the alignment set has no refusal rows",
-            "set data.align_with_refusals: true",
+            "RepNoise/Booster need harmful pairs but the data has no auxiliary harmful slice",
+            "raise data.n_align (the auxiliary slice has up to n_align pairs)",
         )
-    pool = {e.uid: e for e in load_beavertails("unsafe_train", data_dir) if e.uid in wanted}
-    return [pool[e.uid] for e in data.alignment if e.uid in pool and e.source == "refusal"]
+    return list(data.harmful_aux)
 
 
 def auxiliary_data(method: str, data: Any, data_dir: Any = None) -> dict[str, Any]:
     """The keyword data a training-stage method needs: ``harmful`` pairs (RepNoise, Booster) or the ``guide``
     alignment set (Lisa)."""
     if method in ("repnoise", "booster"):
-        return {"harmful": harmful_pairs(data, data_dir)}
+        return {"harmful": harmful_pairs(data)}
     if method == "lisa":
         return {"guide": list(data.alignment)}
     return {}
@@ -236,15 +231,9 @@ def apply_post(
     if method == "none":
         return model, {}
     if method in ("antidote", "random", "magnitude"):
-        from robustlab.antidote.realign import (
-            apply_masks,
-            calibration_batches,
-            magnitude_scores,
-            masks_from_scores,
-            random_scores,
-            wanda_scores,
-        )
+        from robustlab.antidote.realign import calibration_batches, realign
 
+        batches = None
         if method == "antidote":
             if not calibration_texts:
                 raise UserError(
@@ -253,13 +242,9 @@ def apply_post(
             batches = calibration_batches(
                 tokenizer, list(calibration_texts), params.antidote_batch_size, params.antidote_max_length
             )
-            scores = wanda_scores(model, batches)
-        elif method == "magnitude":
-            scores = magnitude_scores(model)
-        else:
-            scores = random_scores(model, "auto", seed)
-        counts = apply_masks(model, masks_from_scores(scores, params.antidote_ratio))
-        return model, {"zeroed": sum(counts.values()), "ratio": params.antidote_ratio}
+        scoring = "wanda" if method == "antidote" else method
+        res = realign(model, batches, params.antidote_ratio, method=scoring, seed=seed)
+        return model, {"zeroed": res.total_zeroed, "ratio": params.antidote_ratio}
     if aligned is None or unaligned is None:
         raise UserError(f"{method} needs the aligned and the unaligned (pre-alignment) model", "pass both")
     if method == "safelora":

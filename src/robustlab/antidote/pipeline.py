@@ -29,6 +29,7 @@ from robustlab.antidote.train import ALIGN_DEFAULTS, FINETUNE_DEFAULTS, STAGE_ME
 from robustlab.errors import UserError
 
 JUDGES = ("refusal", "embedding", "beaverdam")
+J_BEAVERDAM = "PKU-Alignment/beaver-dam-7b"  # judges.BEAVERDAM_ID; judges imports torch, this module must not
 REALIGN_METHODS = ("wanda", "magnitude", "random")
 CONTROLS = ("random", "benign", "magnitude")
 
@@ -61,6 +62,9 @@ class EvalConfig:
     batch_size: int = 16
     max_prompt: int = 1024
     max_length: int = 1024
+    judge_model: str | None = (
+        None  # beaver-dam: a local folder or hub id (default PKU-Alignment/beaver-dam-7b)
+    )
 
 
 @dataclass
@@ -76,7 +80,7 @@ class DataConfig:
     n_heldout: int = 200
     n_eval_harmful: int = 1000
     n_eval_task: int | None = None
-    align_with_refusals: bool = True
+    align_with_refusals: bool = False  # the paper aligns on BeaverTails safe pairs; true: templated refusals
     align_with_safe_pairs: bool = True
 
 
@@ -185,17 +189,41 @@ def validate(cfg: PipelineConfig) -> None:
         raise UserError(f"unknown judge(s) {', '.join(bad)}", f"choose from {', '.join(JUDGES)}")
     if cfg.data.data_dir not in (None, "hub") and not Path(cfg.data.data_dir).is_dir():
         raise UserError(f"data folder {cfg.data.data_dir} does not exist", "fix data.data_dir")
+    jm = cfg.evaluate.judge_model
+    if jm and "beaverdam" in cfg.evaluate.judges:
+        folder = Path(jm).expanduser()
+        if (jm.startswith((".", "/", "~")) or folder.exists()) and not (folder / "config.json").is_file():
+            raise UserError(
+                f"judge model folder {folder} not found or has no config.json",
+                f"pass a folder holding {J_BEAVERDAM} (save_pretrained layout) or its hub id to --judge-model",
+            )
     base = Path(cfg.base).expanduser()
     looks_local = cfg.base.startswith((".", "/", "~")) or base.exists()
     if looks_local and not (base / "config.json").is_file():
         raise UserError(f"base model folder {base} not found or has no config.json", "fix base in the config")
 
 
+def with_judge_model(cfg: PipelineConfig, judge_model: str | None) -> PipelineConfig:
+    """``cfg`` with the beaver-dam judge loaded from ``judge_model`` (the ``--judge-model`` flag: a local
+    folder or a hub id), the judge added to ``evaluate.judges`` when missing; checked by :func:`validate`."""
+    if judge_model:
+        cfg.evaluate.judge_model = str(judge_model)
+        if "beaverdam" not in cfg.evaluate.judges:
+            cfg.evaluate.judges = [*cfg.evaluate.judges, "beaverdam"]
+        validate(cfg)
+    return cfg
+
+
 def make_judges(
-    names: list[str], data_dir: Any = None, cache: Path | None = None, seed: int = 0
+    names: list[str],
+    data_dir: Any = None,
+    cache: Path | None = None,
+    seed: int = 0,
+    judge_model: str | None = None,
 ) -> dict[str, Any]:
     """Judges by name. The embedding judge is trained on BeaverTails ``is_safe`` labels (held-out agreement
-    recorded in ``<cache>/embedding_judge.json``) and cached there."""
+    recorded in ``<cache>/embedding_judge.json``) and cached there; the beaver-dam judge loads
+    ``judge_model`` (a local folder or hub id; default ``PKU-Alignment/beaver-dam-7b``)."""
     from robustlab.antidote import judges as J
 
     out: dict[str, Any] = {}
@@ -215,7 +243,7 @@ def make_judges(
                     atomic_write_json(path.with_name("embedding_judge_report.json"), report)
                 out[name] = judge
         else:
-            out[name] = J.BeaverDamJudge()
+            out[name] = J.BeaverDamJudge(judge_model or J.BEAVERDAM_ID)
     return out
 
 
@@ -267,12 +295,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
         apply_masks,
         calibration_batches,
         calibration_hash,
-        magnitude_scores,
-        masks_for_ratios,
-        random_scores,
+        realign_masks,
         resolve_targets,
         save_realigned,
-        wanda_scores,
     )
     from robustlab.antidote.train import stage_method
     from robustlab.runs import RunDir, cell_key, seed_everything
@@ -283,7 +308,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
     stages = run.path / "stages"
     stages.mkdir(exist_ok=True)
     seed_everything(cfg.seed)
-    judges = make_judges(cfg.evaluate.judges, cfg.data.data_dir, run.path, cfg.seed)
+    judges = make_judges(cfg.evaluate.judges, cfg.data.data_dir, run.path, cfg.seed, cfg.evaluate.judge_model)
     ev = cfg.evaluate
     settings = EvalSettings(
         ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
@@ -380,62 +405,42 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
         for r in rc.mask_ratios
         if not run.is_done(cell_key(stage="eval", point=label, ratio=r))
     ]
-    if todo:
-        snapshot = {k: v.detach().clone() for k, v in ft_model.state_dict().items()}
-        for label, method in methods:
-            ratios = [r for lab, r in todo if lab == label]
-            if not ratios:
-                continue
-            ft_model.load_state_dict(snapshot)  # scores always come from the unpruned fine-tuned model
-            t = time.perf_counter()
+    for label, method in methods:
+        ratios = [r for lab, r in todo if lab == label]
+        if not ratios:
+            continue
+        # masks always come from the unpruned fine-tuned model: every ratio is undone after its evaluation
+        t = time.perf_counter()
+        batches = None
+        if method in ("wanda", "benign"):
             texts = data.benign_calibration if label == "benign" else data.realign
-            batches = None
-            if method in ("wanda", "benign"):
-                batches = calibration_batches(
-                    tokenizer, [e.text for e in texts], rc.batch_size, rc.max_length
+            batches = calibration_batches(tokenizer, [e.text for e in texts], rc.batch_size, rc.max_length)
+        scoring = "wanda" if method == "benign" else method
+        found = realign_masks(ft_model, batches, ratios, rc.targets, scoring, cfg.seed)
+        score_seconds = time.perf_counter() - t
+        run.log(stage="scores", method=label, seconds=score_seconds)
+        for r in ratios:
+            pruned = apply_masks(ft_model, found.masks[r], remember=True)
+            if rc.save_models:
+                save_realigned(
+                    ft_model,
+                    found.result(r, pruned.counts),
+                    stages / f"realigned-{label}-{r:g}",
+                    calibration_digest=calibration_hash(batches) if batches else None,
+                    tokenizer=tokenizer,
+                    extra={"calibration": label},
                 )
-                scores = wanda_scores(ft_model, batches, rc.targets)
-            elif method == "magnitude":
-                scores = magnitude_scores(ft_model, rc.targets)
-            else:
-                scores = random_scores(ft_model, rc.targets, cfg.seed)
-            score_seconds = time.perf_counter() - t
-            run.log(stage="scores", method=label, seconds=score_seconds)
-            masks = masks_for_ratios(scores, ratios)
-            for r in ratios:
-                ft_model.load_state_dict(snapshot)
-                counts = apply_masks(ft_model, masks[r])
-                if rc.save_models:
-                    from robustlab.antidote.realign import RealignResult
-
-                    res = RealignResult(
-                        masks=masks[r],
-                        counts=counts,
-                        sizes={n: int(m.numel()) for n, m in masks[r].items()},
-                        mask_ratio=r,
-                        method=method if method != "benign" else "wanda",
-                        targets=list(masks[r]),
-                        seed=cfg.seed,
-                    )
-                    save_realigned(
-                        ft_model,
-                        res,
-                        stages / f"realigned-{label}-{r:g}",
-                        calibration_digest=calibration_hash(batches) if batches else None,
-                        tokenizer=tokenizer,
-                        extra={"calibration": label},
-                    )
-                record(
-                    cell_key(stage="eval", point=label, ratio=r),
-                    {
-                        "stage": label,
-                        "ratio": r,
-                        "zeroed": sum(counts.values()),
-                        "score_seconds": score_seconds,
-                    },
-                    lambda: evaluate(ft_model, tokenizer),
-                )
-        ft_model.load_state_dict(snapshot)
+            record(
+                cell_key(stage="eval", point=label, ratio=r),
+                {
+                    "stage": label,
+                    "ratio": r,
+                    "zeroed": sum(pruned.counts.values()),
+                    "score_seconds": score_seconds,
+                },
+                lambda: evaluate(ft_model, tokenizer),
+            )
+            pruned.restore(ft_model)
     rows += [
         run.load(cell_key(stage="eval", point=label, ratio=r)) for label, _ in methods for r in rc.mask_ratios
     ]

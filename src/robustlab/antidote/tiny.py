@@ -433,7 +433,7 @@ def run_seed(
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from robustlab.antidote.realign import calibration_batches, masks_for_ratios, random_scores, wanda_scores
+    from robustlab.antidote.realign import apply_masks, calibration_batches, realign_masks
 
     keys = _point_keys(cfg, seed)
     if all(run.is_done(k) for k, _ in keys):
@@ -540,36 +540,25 @@ def run_seed(
                 for s in ("antidote", "random", "benign"):
                     results.append(run.load(cell_key(seed=seed, mode=mode, stage=s, ratio=r)))
             continue
-        snapshot = {k: v.detach().clone() for k, v in attacked.state_dict().items()}
         t = time.perf_counter()
-        harm_scores = wanda_scores(
-            attacked,
-            calibration_batches(tokenizer, realign_texts, cfg.calibration_batch_size, cfg.max_length),
-        )
+        harm = calibration_batches(tokenizer, realign_texts, cfg.calibration_batch_size, cfg.max_length)
+        all_masks = {"antidote": realign_masks(attacked, harm, ratios).masks}
         score_seconds = time.perf_counter() - t
-        benign_scores = wanda_scores(
-            attacked, calibration_batches(tokenizer, benign_texts, cfg.calibration_batch_size, cfg.max_length)
-        )
-        all_masks = {
-            "antidote": masks_for_ratios(harm_scores, ratios),
-            "random": masks_for_ratios(random_scores(attacked, "auto", seed), ratios),
-            "benign": masks_for_ratios(benign_scores, ratios),
-        }
-        from robustlab.antidote.realign import apply_masks
-
+        all_masks["random"] = realign_masks(attacked, None, ratios, method="random", seed=seed).masks
+        benign = calibration_batches(tokenizer, benign_texts, cfg.calibration_batch_size, cfg.max_length)
+        all_masks["benign"] = realign_masks(attacked, benign, ratios).masks
         for r in ratios:
             for s in ("antidote", "random", "benign"):
                 key = cell_key(seed=seed, mode=mode, stage=s, ratio=r)
                 if run.is_done(key):
                     results.append(run.load(key))
                     continue
-                attacked.load_state_dict(snapshot)
-                counts = apply_masks(attacked, all_masks[s][r])
+                pruned = apply_masks(attacked, all_masks[s][r], remember=True)
                 m = evaluate(attacked, tokenizer)
-                m["zeroed"] = sum(counts.values())
+                pruned.restore(attacked)  # every point starts from the attacked model
+                m["zeroed"] = sum(pruned.counts.values())
                 m["wanda_seconds"] = round(score_seconds, 3)
                 point(key, {"mode": mode, "stage": s, "ratio": r}, lambda m=m: m)
-        attacked.load_state_dict(snapshot)
     return results
 
 
