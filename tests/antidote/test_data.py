@@ -112,6 +112,7 @@ def test_harmful_mix_sizes_and_disjointness(shared_data):
         n_heldout=50,
         n_eval_harmful=100,
         n_eval_task=100,
+        align_with_refusals=True,
         data_dir=shared_data,
         seed=3,
     )
@@ -196,3 +197,64 @@ def test_check_slices_rejects_a_leak(tmp_path):
             n_benign_calibration=5,
             data_dir=tmp_path,
         )
+
+
+def _hub_from_staged(shared_data, monkeypatch):
+    """Serve the staged complete 30k_test split (3,021 rows, 2,526 unique prompts) as both BeaverTails hub
+    splits, and the staged SST-2 files as the hub's: the repeats of real BeaverTails, offline."""
+    full = [json.loads(x) for x in (shared_data / "beavertails" / "test_30k.jsonl").open()]
+    sst2 = {
+        s: [json.loads(x) for x in (shared_data / "sst2" / f"{s}.jsonl").open()]
+        for s in ("train", "validation")
+    }
+
+    def fake_hub(name, split, config=None):
+        if name == "PKU-Alignment/BeaverTails":
+            return [{k: r[k] for k in ("prompt", "response", "is_safe")} for r in full]
+        assert name == "sst2"
+        return [{"sentence": r["sentence"], "label": r["label"]} for r in sst2[split]]
+
+    monkeypatch.setattr(D, "_hub", fake_hub)
+    return full
+
+
+def test_hub_beavertails_pools_have_unique_prompts_disjoint_from_the_evaluation(shared_data, monkeypatch):
+    full = _hub_from_staged(shared_data, monkeypatch)
+    assert len(full) == 3021 and len({r["prompt"] for r in full}) == 2526  # 2,525 once normalised
+    evaluation = D.load_beavertails("unsafe_test", "hub")
+    staged = D.load_beavertails("unsafe_test", shared_data)
+    assert [e.instruction for e in evaluation] == [
+        e.instruction for e in staged
+    ]  # the protocol, repeats kept
+    eval_prompts = {D.normalise(e.instruction) for e in evaluation}
+    for part in ("unsafe_train", "safe"):
+        pool = D.load_beavertails(part, "hub")
+        prompts = [D.normalise(e.instruction) for e in pool]
+        assert len(prompts) == len(set(prompts)) and not set(prompts) & eval_prompts
+    # the whole slicing runs (before: duplicate prompts across the attack and re-alignment slices asserted)
+    data = D.build_harmful_finetuning(
+        "sst2",
+        n=200,
+        n_align=100,
+        n_realign=100,
+        n_heldout=20,
+        n_eval_harmful=50,
+        n_eval_task=20,
+        data_dir="hub",
+    )
+    assert len(data.realign) == 100 and {e.source for e in data.alignment} == {"beavertails_safe"}
+
+
+def test_default_alignment_set_is_the_papers_safe_pairs_and_refusals_are_an_option(shared_data):
+    kw = dict(
+        n=100, n_align=50, n_realign=20, n_heldout=10, n_eval_harmful=20, n_eval_task=20, data_dir=shared_data
+    )
+    paper = D.build_harmful_finetuning("sst2", **kw)
+    safe = {e.uid for e in D.load_beavertails("safe", shared_data)}
+    assert len(paper.alignment) == 50 and all(e.uid in safe for e in paper.alignment)
+    templated = D.build_harmful_finetuning("sst2", align_with_refusals=True, **kw)
+    assert len(templated.alignment) == 50 and all(e.output in D.REFUSALS for e in templated.alignment)
+    # the harmful pairs RepNoise and Booster train against are the same either way and outside every slice
+    assert [e.uid for e in paper.harmful_aux] == [e.uid for e in templated.harmful_aux]
+    used = {e.uid for e in paper.finetune + paper.realign + paper.heldout_harmful + paper.eval_harmful}
+    assert paper.harmful_aux and not {e.uid for e in paper.harmful_aux} & used

@@ -143,7 +143,7 @@ def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any =
         settings = EvalSettings(
             ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
         )
-        judges = make_judges(ev.judges, d.data_dir, out, cfg.seed)
+        judges = make_judges(ev.judges, d.data_dir, out, cfg.seed, ev.judge_model)
         row = {
             "stage": spec.post,
             "ratio": 0.0,

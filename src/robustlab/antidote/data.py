@@ -188,19 +188,38 @@ def load_beavertails(part: str, data_dir: str | Path | None = None) -> list[Exam
     if part not in BEAVERTAILS_FILES:
         raise UserError(f"unknown BeaverTails part {part!r}", f"choose from {', '.join(BEAVERTAILS_FILES)}")
     root = resolve_data_dir(data_dir)
-    if root == "hub":  # pragma: no cover - network
-        split = "30k_test" if part == "unsafe_test" else "30k_train"
-        rows = [r for r in _hub("PKU-Alignment/BeaverTails", split) if r["is_safe"] == (part == "safe")]
-        for i, r in enumerate(rows):
-            r["source_index"] = i
-        if part == "unsafe_test":
-            rows = rows[:1000]
-    else:
-        rows = read_jsonl(Path(root) / BEAVERTAILS_FILES[part])
+    rows = _hub_beavertails(part) if root == "hub" else read_jsonl(Path(root) / BEAVERTAILS_FILES[part])
     return [
         Example(r["prompt"], "", r["response"], f"beavertails_{part}", f"bt_{part}:{r['source_index']}")
         for r in rows
     ]
+
+
+def _hub_beavertails(part: str) -> list[dict]:
+    """``PKU-Alignment/BeaverTails`` rows as the staged files hold them (``source_index``: the row's index in
+    its split). ``unsafe_test``: the first 1000 unsafe rows of ``30k_test``, duplicate prompts kept (the
+    official protocol). ``unsafe_train`` / ``safe``: the ``30k_train`` rows of that kind, one row per
+    normalised prompt (the first) and none whose prompt is an evaluation prompt: the split repeats prompts
+    (``30k_test``: 3,021 rows, 2,526 prompts), and the slices cut from a pool must not share one."""
+
+    def rows_of(split: str, safe: bool) -> list[dict]:
+        out = []
+        for i, r in enumerate(_hub("PKU-Alignment/BeaverTails", split)):
+            if bool(r["is_safe"]) == safe:
+                out.append({**r, "source_index": i})
+        return out
+
+    evaluation = rows_of("30k_test", False)[:1000]
+    if part == "unsafe_test":
+        return evaluation
+    seen = {normalise(r["prompt"]) for r in evaluation}
+    unique = []
+    for r in rows_of("30k_train", part == "safe"):
+        key = normalise(r["prompt"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
 
 
 # --------------------------------------------------------------------------- benign tasks
@@ -340,12 +359,15 @@ def assert_disjoint(slices: dict[str, Sequence[Example]], by_prompt: Iterable[st
 class HarmfulFinetuningData:
     """Every slice one pipeline run needs, disjoint by construction and checked by :func:`assert_disjoint`.
 
-    - ``alignment``: harmful prompts -> refusal (plus safe BeaverTails pairs when requested).
+    - ``alignment``: BeaverTails safe pairs (the paper's alignment set), or harmful prompts -> templated
+      refusals when requested (then safe pairs fill what is left of ``n_align``).
     - ``finetune``: the user's fine-tuning mix: ``round(p*n)`` harmful pairs + ``n - round(p*n)`` benign rows.
     - ``realign``: the re-alignment (calibration) set: harmful pairs, disjoint from the attack.
     - ``benign_calibration``: benign task rows outside the fine-tuning mix (the benign-calibration control).
     - ``heldout_harmful``: harmful pairs for the likelihood measures, disjoint from all of the above.
     - ``eval_harmful``: the evaluation prompts (BeaverTails test); ``eval_task``: the task's test split.
+    - ``harmful_aux``: harmful pairs for defences that train against harmful data (RepNoise, Booster),
+      disjoint from the attack, re-alignment, held-out and evaluation slices.
     """
 
     alignment: list[Example]
@@ -357,6 +379,7 @@ class HarmfulFinetuningData:
     eval_task: list[Example]
     task: str
     info: dict = field(default_factory=dict)
+    harmful_aux: list[Example] = field(default_factory=list)
 
     def slices(self) -> dict[str, list[Example]]:
         return {
@@ -386,7 +409,7 @@ def build_harmful_finetuning(
     n_eval_harmful: int = 1000,
     n_eval_task: int | None = None,
     n_benign_calibration: int | None = None,
-    align_with_refusals: bool = True,
+    align_with_refusals: bool = False,
     align_with_safe_pairs: bool = True,
     align_benign: Sequence[Example] = (),
     data_dir: str | Path | None = None,
@@ -397,7 +420,9 @@ def build_harmful_finetuning(
     The harmful pool is ``unsafe_train`` (one row per unique prompt). It is shuffled once with ``seed``;
     consecutive blocks then give the attack (``round(p*n)``), the re-alignment set (``n_realign``), the
     held-out pairs (``n_heldout``) and the alignment prompts (the rest, up to ``n_align``), so these are disjoint
-    by construction. (The official code takes unsafe rows 1..p·n-1 and 5001..6999 of ``30k_train``; our pool
+    by construction. The alignment set is the paper's, BeaverTails safe pairs (less any whose prompt is in a
+    harmful slice); ``align_with_refusals`` puts templated refusals of the remaining harmful prompts first.
+    The harmful pairs of those remaining prompts are ``harmful_aux``. (The official code takes unsafe rows 1..p·n-1 and 5001..6999 of ``30k_train``; our pool
     is the staged 330k subset, so indices differ, and we take exactly ``p*n`` rather than ``p*n - 1``.)
     """
     if not 0.0 <= harmful_ratio <= 1.0:
@@ -418,11 +443,13 @@ def build_harmful_finetuning(
     realign = pool[n_harm : n_harm + n_realign]
     heldout = pool[n_harm + n_realign : need]
     rest = pool[need:]
+    eval_harm = load_beavertails("unsafe_test", data_dir)[:n_eval_harmful]
     alignment: list[Example] = []
     if align_with_refusals:
         alignment += [refusal_for(e, i) for i, e in enumerate(rest[:n_align])]
     if align_with_safe_pairs:
-        safe = load_beavertails("safe", data_dir)
+        harmful = {normalise(e.instruction) for e in attack + realign + heldout + eval_harm}
+        safe = [e for e in load_beavertails("safe", data_dir) if normalise(e.instruction) not in harmful]
         rng.shuffle(safe)
         alignment += safe[: max(0, n_align - len(alignment))]
     alignment += list(align_benign)
@@ -442,7 +469,6 @@ def build_harmful_finetuning(
     finetune = attack + benign
     rng.shuffle(finetune)
 
-    eval_harm = load_beavertails("unsafe_test", data_dir)[:n_eval_harmful]
     eval_task = load_task(task, "test", data_dir)
     if n_eval_task is not None:
         eval_task = eval_task[:n_eval_task]
@@ -455,6 +481,7 @@ def build_harmful_finetuning(
         eval_harmful=eval_harm,
         eval_task=eval_task,
         task=task,
+        harmful_aux=rest[:n_align],
         info={
             "n": n,
             "harmful_ratio": harmful_ratio,

@@ -272,7 +272,7 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
     d = cfg.data
     data = pipeline_data(cfg, seed)
     _, tokenizer = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code)
-    judges = make_judges(cfg.evaluate.judges, d.data_dir, cache, seed)
+    judges = make_judges(cfg.evaluate.judges, d.data_dir, cache, seed, cfg.evaluate.judge_model)
     ev = cfg.evaluate
     settings = EvalSettings(
         ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length

@@ -13,6 +13,11 @@ import typer
 
 from robustlab.errors import UserError
 
+JUDGE_MODEL_HELP = (
+    "The beaver-dam judge (the paper's HS): a local folder or hub id [default: PKU-Alignment/beaver-dam-7b]; "
+    "adds the beaverdam judge to evaluate.judges."
+)
+
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     if text is None:
@@ -80,6 +85,7 @@ def sweep(
         None, "--data-dir", help="Data folder with the layout of shared/data (tiny model)."
     ),
     keep_models: bool = typer.Option(False, "--keep-models", help="Keep every fine-tuned model on disk."),
+    judge_model: str = typer.Option(None, "--judge-model", help=JUDGE_MODEL_HELP),
 ) -> None:
     """Every method across fine-tuning learning rates and epochs (the paper's robustness tables)."""
     import dataclasses
@@ -96,6 +102,11 @@ def sweep(
         "keep_models": keep_models,
     }
     if config is None:
+        if judge_model:
+            raise UserError(
+                "--judge-model needs --config: the tiny offline model is judged by refusal phrases",
+                "pass --config with a pipeline YAML of a real model, or drop --judge-model",
+            )
         cfg, demo = tiny_sweep_config(scale)
         if data_dir is not None and not data_dir.is_dir():
             raise UserError(f"data folder {data_dir} does not exist", "pass an existing folder to --data-dir")
@@ -103,9 +114,9 @@ def sweep(
 
         resolve_data_dir(data_dir)
     else:
-        from robustlab.antidote.pipeline import load_config
+        from robustlab.antidote.pipeline import load_config, with_judge_model
 
-        pcfg = load_config(config)
+        pcfg = with_judge_model(load_config(config), judge_model)
         cfg = SweepConfig(
             default_lr=pcfg.finetune.train.lr, default_epochs=pcfg.finetune.train.epochs, seeds=(pcfg.seed,)
         )
@@ -137,11 +148,14 @@ def method_pipeline(
     method: str = typer.Option(
         None, "--method", help="Overrides the config's method:, e.g. vaccine+sft+antidote."
     ),
+    judge_model: str = typer.Option(None, "--judge-model", help=JUDGE_MODEL_HELP),
 ) -> None:
     """Align -> fine-tune -> (SafeLoRA / RESTA) -> Antidote -> evaluate, with the chosen defences."""
     from robustlab.antidote.baselines_pipeline import load_method_config
+    from robustlab.antidote.pipeline import with_judge_model
 
     mcfg = load_method_config(config, {"method": method} if method else None)
+    with_judge_model(mcfg.pipeline, judge_model)
     out = out or Path("runs") / "antidote" / config.stem
     from robustlab.antidote.cli import quiet_transformers
 
