@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from robustlab.antidote.data import normalise
-from robustlab.antidote.tiny import STAGES, _point_keys, demo_config, demo_slices, pretraining_docs, run_demo
+from robustlab.antidote.demo import _point_keys, run_demo
+from robustlab.antidote.demo_report import STAGES
+from robustlab.antidote.tiny import demo_config, demo_slices, pretraining_docs
 from robustlab.runs import read_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

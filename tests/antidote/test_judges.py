@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustlab.antidote import embedding_judge as EJ
 from robustlab.antidote import judges as J
 from robustlab.errors import UserError
 
@@ -76,7 +77,7 @@ def test_refusal_phrases_are_rarer_in_real_harmful_answers_than_in_safe_ones(sha
 
 @pytest.fixture(scope="module")
 def encoder():
-    return J.MiniLMEncoder(batch_size=32)
+    return EJ.MiniLMEncoder(batch_size=32)
 
 
 def test_minilm_encoder_matches_sentence_transformers(encoder):
@@ -87,13 +88,13 @@ def test_minilm_encoder_matches_sentence_transformers(encoder):
         "x " * 400,
     ]  # the last one is truncated at 256
     ours = encoder.encode(texts)
-    ref = st.SentenceTransformer(str(J.minilm_path()), device="cpu").encode(texts)
+    ref = st.SentenceTransformer(str(EJ.minilm_path()), device="cpu").encode(texts)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
 def test_embedding_judge_split_is_disjoint_from_the_evaluation_prompts(shared_data):
-    split = J.beavertails_judge_split(shared_data, seed=0)
+    split = EJ.beavertails_judge_split(shared_data, seed=0)
     eval_prompts = {
         norm(r["prompt"])
         for r in (json.loads(x) for x in (shared_data / "beavertails" / "unsafe_test_prompts.jsonl").open())
@@ -111,7 +112,7 @@ def test_embedding_judge_split_is_disjoint_from_the_evaluation_prompts(shared_da
 @pytest.mark.slow
 def test_embedding_judge_agrees_with_held_out_labels_better_than_chance(shared_data, encoder, tmp_path):
     # a small training subset (CI time); class weights balance it, as the default's prior needs ~1.5k pairs
-    judge, report = J.train_embedding_judge(
+    judge, report = EJ.train_embedding_judge(
         shared_data,
         seed=0,
         max_train=150,
@@ -128,10 +129,10 @@ def test_embedding_judge_agrees_with_held_out_labels_better_than_chance(shared_d
     assert report.details["heldout_flag_rate_unsafe"] > safe_rate + 0.1, report
     assert report.eval_prompt_recall is not None and report.eval_prompt_recall > safe_rate + 0.1, report
     # save / load keeps the decision function (JSON, no pickle)
-    pairs = J.beavertails_judge_split(shared_data, seed=0)["heldout"][:6]
+    pairs = EJ.beavertails_judge_split(shared_data, seed=0)["heldout"][:6]
     p, r = [x["prompt"] for x in pairs], [x["response"] for x in pairs]
     path = judge.save(tmp_path / "judge.json")
-    again = J.EmbeddingJudge.load(path, encoder=encoder)
+    again = EJ.EmbeddingJudge.load(path, encoder=encoder)
     np.testing.assert_allclose(again.probability(p, r), judge.probability(p, r))
     assert again.harmful(p, r) == judge.harmful(p, r)
     assert again.harmful([], []) == []
@@ -152,7 +153,7 @@ def test_cross_validated_selection_picks_the_informative_features():
 
 def test_embedding_judge_needs_both_labels(encoder):
     with pytest.raises(UserError, match="both"):
-        J.EmbeddingJudge.fit(["a", "b"], ["c", "d"], [True, True], encoder=encoder)
+        EJ.EmbeddingJudge.fit(["a", "b"], ["c", "d"], [True, True], encoder=encoder)
 
 
 # --------------------------------------------------------------------------- beaver-dam

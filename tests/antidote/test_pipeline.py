@@ -95,7 +95,7 @@ def small_config(base_dir, shared_data, **extra) -> dict:
             "max_length": 64,
         },
     }
-    return P._merge(cfg, extra)
+    return P.merge_config(cfg, extra)
 
 
 def write_cfg(tmp_path, cfg) -> str:
@@ -108,17 +108,28 @@ def test_config_errors(tmp_path, base_dir, shared_data):
     good = small_config(base_dir, shared_data)
     assert P.load_config(write_cfg(tmp_path, good)).realign.mask_ratios == [0.1, 0.25]
     with pytest.raises(UserError, match=r"unknown config key\(s\): realign.mask_ratio"):
-        P.load_config(write_cfg(tmp_path, P._merge(good, {"realign": {"mask_ratio": 0.1}})))
+        P.load_config(write_cfg(tmp_path, P.merge_config(good, {"realign": {"mask_ratio": 0.1}})))
     with pytest.raises(UserError, match="strictly between 0 and 1"):
-        P.load_config(write_cfg(tmp_path, P._merge(good, {"realign": {"mask_ratios": [0.1, 1.0]}})))
+        P.load_config(write_cfg(tmp_path, P.merge_config(good, {"realign": {"mask_ratios": [0.1, 1.0]}})))
     with pytest.raises(UserError, match="unknown config key"):
-        P.load_config(write_cfg(tmp_path, P._merge(good, {"finetune": {"train": {"learning_rate": 1}}})))
+        P.load_config(
+            write_cfg(tmp_path, P.merge_config(good, {"finetune": {"train": {"learning_rate": 1}}}))
+        )
     with pytest.raises(UserError, match="not found"):
         P.load_config(tmp_path / "missing.yaml")
     with pytest.raises(UserError, match="base model folder"):
         P.load_config(write_cfg(tmp_path, {**good, "base": str(tmp_path / "nomodel")}))
-    with pytest.raises(UserError, match="unknown finetune method"):
-        P.load_config(write_cfg(tmp_path, P._merge(good, {"finetune": {"method": "lisa"}})))
+    with pytest.raises(UserError, match="not a fine-tuning-stage method"):
+        P.load_config(write_cfg(tmp_path, P.merge_config(good, {"finetune": {"method": "vaccine"}})))
+    with pytest.raises(UserError, match="unknown method"):
+        P.load_config(write_cfg(tmp_path, P.merge_config(good, {"align": {"method": "bogus"}})))
+    # every registered method of a stage is accepted by the plain pipeline (no table to register it in)
+    assert (
+        P.load_config(
+            write_cfg(tmp_path, P.merge_config(good, {"finetune": {"method": "lisa"}}))
+        ).finetune.method
+        == "lisa"
+    )
 
 
 @pytest.mark.slow
@@ -131,7 +142,7 @@ def test_pipeline_runs_and_resumes_without_recomputing(tmp_path, base_dir, share
     cfg = P.load_config(write_cfg(tmp_path, small_config(base_dir, shared_data)))
     out = tmp_path / "run"
     calls = {"eval": 0, "wanda": 0, "train": 0}
-    real_eval, real_wanda, real_train = E.evaluate_model, R.collect_statistics, T.STAGE_METHODS["sft"]
+    real_eval, real_wanda, real_train = E.evaluate_model, R.collect_statistics, T.train
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -142,7 +153,7 @@ def test_pipeline_runs_and_resumes_without_recomputing(tmp_path, base_dir, share
 
     monkeypatch.setattr(E, "evaluate_model", count("eval", real_eval))
     monkeypatch.setattr(R, "collect_statistics", count("wanda", real_wanda))
-    monkeypatch.setitem(T.STAGE_METHODS, "sft", count("train", real_train))
+    monkeypatch.setattr(T, "train", count("train", real_train))  # what the registry runs for sft
     s1 = P.run_pipeline(cfg, out, echo=lambda *_: None)
     # aligned, finetuned, 3 methods x 2 ratios; one Wanda pass for antidote and one for benign (not per ratio)
     assert calls == {"eval": 8, "wanda": 2, "train": 2}

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from robustlab.antidote.baselines import DefenceParams, MethodSpec, parse_method
+from robustlab.antidote.methods import DefenceParams, MethodSpec, parse_method
 from robustlab.errors import UserError
 
 torch.set_num_threads(1)
@@ -50,7 +50,8 @@ def test_sweep_cells_share_the_default_cell():
 
 @pytest.mark.integration
 def test_tiny_sweep_runs_resumes_and_shares_the_finetuned_model(tmp_path, shared_data):
-    from robustlab.antidote.sweep import run_sweep, tiny_harness, tiny_sweep_config
+    from robustlab.antidote.sweep import run_sweep
+    from robustlab.antidote.sweep_harness import tiny_harness, tiny_sweep_config
     from robustlab.runs import read_jsonl
 
     cfg, demo = tiny_sweep_config("smoke")

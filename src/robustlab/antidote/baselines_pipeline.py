@@ -3,27 +3,24 @@
 
 A config is the pipeline's YAML plus two keys:
 
-- ``method:`` an ``align+finetune+post`` string (:func:`robustlab.antidote.baselines.parse_method`), e.g.
+- ``method:`` an ``align+finetune+post`` string (:func:`robustlab.antidote.methods.parse_method`), e.g.
   ``vaccine``, ``lisa``, ``safelora``, ``vaccine+sft+antidote``; it sets ``align.method`` and
   ``finetune.method``;
-- ``defences:`` the defences' hyper-parameters (:class:`robustlab.antidote.baselines.DefenceParams`; the
+- ``defences:`` the defences' hyper-parameters (:class:`robustlab.antidote.methods.DefenceParams`; the
   papers' by default).
 
 :func:`run_method_pipeline` runs :func:`robustlab.antidote.pipeline.run_pipeline` (align -> fine-tune ->
-Antidote mask-ratio sweep + controls -> evaluate, resumable) with the defences registered as its stage methods
-for the run, then, for a ``safelora`` / ``resta`` post step, applies it to the fine-tuned model and adds an
+Antidote mask-ratio sweep + controls -> evaluate, resumable) with the defences' hyper-parameters, then, for a ``safelora`` / ``resta`` post step, applies it to the fine-tuned model and adds an
 evaluated point. The Antidote rows of the pipeline are the ``+antidote`` variant of the same method.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from robustlab.antidote.baselines import DefenceParams, MethodSpec, apply_post, parse_method, run_stage
+from robustlab.antidote.methods import DefenceParams, MethodSpec, apply_post, parse_method
 from robustlab.errors import UserError
 
 
@@ -36,9 +33,9 @@ class MethodPipelineConfig:
 
 def load_method_config(path: str | Path | None = None, overrides: dict | None = None) -> MethodPipelineConfig:
     """The pipeline config (file, then ``overrides``) with ``method`` and ``defences`` taken out and checked."""
-    from robustlab.antidote.pipeline import _merge, load_config, read_config_file
+    from robustlab.antidote.pipeline import load_config, merge_config, read_config_file
 
-    values = _merge(read_config_file(path), overrides or {})
+    values = merge_config(read_config_file(path), overrides or {})
     method = values.pop("method", None)
     raw = values.pop("defences", None) or {}
     if not isinstance(raw, dict):
@@ -69,37 +66,13 @@ def load_method_config(path: str | Path | None = None, overrides: dict | None = 
     return MethodPipelineConfig(cfg, spec, params)
 
 
-@contextlib.contextmanager
-def registered_stage_methods(data: Any, params: DefenceParams, data_dir: Any) -> Iterator[None]:
-    """Register every training-stage defence in ``STAGE_METHODS`` for one run (bound to that run's data and
-    hyper-parameters); the registry is restored afterwards."""
-    from robustlab.antidote.defences import ALIGNMENT_METHODS, FINETUNE_METHODS
-    from robustlab.antidote.train import STAGE_METHODS
-
-    saved = dict(STAGE_METHODS)
-
-    def bind(name: str) -> Callable[..., Any]:
-        def fn(model: Any, tokenizer: Any, examples: Any, config: Any, **_: Any) -> Any:
-            return run_stage(name, model, tokenizer, examples, config, data, params, data_dir)
-
-        return fn
-
-    for name in (*ALIGNMENT_METHODS, *FINETUNE_METHODS):
-        if name != "sft":
-            STAGE_METHODS[name] = bind(name)
-    try:
-        yield
-    finally:
-        STAGE_METHODS.clear()
-        STAGE_METHODS.update(saved)
-
-
 def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any = print) -> dict[str, Any]:
     """Run (or resume) the pipeline for one method into ``out``; returns the pipeline summary with the post
     step's row added (``results.md`` and ``summary.json`` are rewritten with it)."""
     from robustlab.antidote.evaluate import EvalSettings, evaluate_model
     from robustlab.antidote.models import load_model
-    from robustlab.antidote.pipeline import make_judges, pipeline_data, results_table, run_pipeline
+    from robustlab.antidote.pipeline import make_judges, pipeline_data, run_pipeline
+    from robustlab.antidote.pipeline_report import results_table
     from robustlab.runs import RunDir, atomic_write_json, cell_key, read_json
 
     cfg, spec, params = mcfg.pipeline, mcfg.spec, mcfg.defences
@@ -113,8 +86,7 @@ def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any =
         )
     d = cfg.data
     data = pipeline_data(cfg)  # the same slices run_pipeline builds
-    with registered_stage_methods(data, params, d.data_dir):
-        summary = run_pipeline(cfg, out, echo=echo)
+    summary = run_pipeline(cfg, out, echo=echo, params=params)
     atomic_write_json(record_file, record)
     if spec.post not in ("safelora", "resta"):
         return {**summary, "method": spec.name}

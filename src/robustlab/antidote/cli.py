@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from robustlab.antidote.cli_common import quiet_transformers
 from robustlab.antidote.runtime import (
     Runtime,
     device_map_option,
@@ -25,18 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' progress bars and info logs, so the CLI's output (and a one-line error) stays
-    readable. Imported lazily: only commands that load models call this."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 @app.command()
@@ -146,8 +135,9 @@ def demo(
         )
     resolve_data_dir(data_dir)
     quiet_transformers()
+    from robustlab.antidote.demo import run_demo
     from robustlab.antidote.reproduce import demo_progress
-    from robustlab.antidote.tiny import demo_config, run_demo
+    from robustlab.antidote.tiny import demo_config
 
     cfg = demo_config(scale)
     cfg.seeds = tuple(seed_list) if seed_list else cfg.seeds

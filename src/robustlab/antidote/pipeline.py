@@ -12,8 +12,9 @@ The mask-ratio sweep computes the Wanda scores once (on the unpruned fine-tuned 
 ratio's masks from them. Optional controls at the same ratios: ``random`` pruning and ``benign``
 calibration (Wanda on benign rows of the task that are outside the fine-tuning mix).
 
-Stage ``method`` keys select a registered training method (:data:`robustlab.antidote.train.STAGE_METHODS`;
-``sft`` today), so alignment-stage and fine-tuning-stage defences plug in without changing this module.
+Stage ``method`` keys name a method of that stage in :data:`robustlab.antidote.methods.REGISTRY` (``sft``,
+or an alignment-stage / fine-tuning-stage defence), run with :func:`robustlab.antidote.methods.run_stage`
+and the defences' hyper-parameters passed to :func:`run_pipeline`.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from robustlab.antidote.data import BENIGN_TASKS
-from robustlab.antidote.train import ALIGN_DEFAULTS, FINETUNE_DEFAULTS, STAGE_METHODS, TrainConfig
+from robustlab.antidote.judges import BEAVERDAM_ID
+from robustlab.antidote.methods import DefenceParams, run_stage
+from robustlab.antidote.methods import method as registered_method
+from robustlab.antidote.train import ALIGN_DEFAULTS, FINETUNE_DEFAULTS, TrainConfig
 from robustlab.errors import UserError
 
 JUDGES = ("refusal", "embedding", "beaverdam")
-J_BEAVERDAM = "PKU-Alignment/beaver-dam-7b"  # judges.BEAVERDAM_ID; judges imports torch, this module must not
 REALIGN_METHODS = ("wanda", "magnitude", "random")
 CONTROLS = ("random", "benign", "magnitude")
 
 
 @dataclass
 class StageConfig:
-    """A training stage: ``method`` (registered in ``STAGE_METHODS``), ``skip`` and the training settings."""
+    """A training stage: ``method`` (a method of the stage in the registry), ``skip`` and the training
+    settings."""
 
     method: str = "sft"
     skip: bool = False
@@ -146,16 +150,16 @@ def read_config_file(path: str | Path | None) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
     """Defaults, then the YAML file, then ``overrides`` (same nesting). Unknown keys are a ``UserError``."""
-    merged = _merge(read_config_file(path), overrides or {})
+    merged = merge_config(read_config_file(path), overrides or {})
     cfg = _from_dict(PipelineConfig, merged, "")
     validate(cfg)
     return cfg
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_config(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -171,10 +175,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise UserError(f"harmful_ratio {cfg.data.harmful_ratio} is outside [0, 1]", "use e.g. 0.2")
     for stage in ("align", "finetune"):
         sc: StageConfig = getattr(cfg, stage)
-        if sc.method not in STAGE_METHODS:
-            raise UserError(
-                f"unknown {stage} method {sc.method!r}", f"choose from {', '.join(STAGE_METHODS)}"
-            )
+        registered_method(sc.method, "alignment" if stage == "align" else "finetune")
         sc.train.validate()
     if not cfg.realign.mask_ratios:
         raise UserError("realign.mask_ratios is empty", "give at least one ratio, e.g. [0.1]")
@@ -195,7 +196,7 @@ def validate(cfg: PipelineConfig) -> None:
         if (jm.startswith((".", "/", "~")) or folder.exists()) and not (folder / "config.json").is_file():
             raise UserError(
                 f"judge model folder {folder} not found or has no config.json",
-                f"pass a folder holding {J_BEAVERDAM} (save_pretrained layout) or its hub id to --judge-model",
+                f"pass a folder holding {BEAVERDAM_ID} (save_pretrained layout) or its hub id to --judge-model",
             )
     base = Path(cfg.base).expanduser()
     looks_local = cfg.base.startswith((".", "/", "~")) or base.exists()
@@ -224,6 +225,7 @@ def make_judges(
     """Judges by name. The embedding judge is trained on BeaverTails ``is_safe`` labels (held-out agreement
     recorded in ``<cache>/embedding_judge.json``) and cached there; the beaver-dam judge loads
     ``judge_model`` (a local folder or hub id; default ``PKU-Alignment/beaver-dam-7b``)."""
+    from robustlab.antidote import embedding_judge as EJ
     from robustlab.antidote import judges as J
 
     out: dict[str, Any] = {}
@@ -233,9 +235,9 @@ def make_judges(
         elif name == "embedding":
             path = cache / "embedding_judge.json" if cache else None
             if path is not None and path.is_file():
-                out[name] = J.EmbeddingJudge.load(path)
+                out[name] = EJ.EmbeddingJudge.load(path)
             else:
-                judge, report = J.train_embedding_judge(None if data_dir == "hub" else data_dir, seed=seed)
+                judge, report = EJ.train_embedding_judge(None if data_dir == "hub" else data_dir, seed=seed)
                 if path is not None:
                     judge.save(path)
                     from robustlab.runs import atomic_write_json
@@ -285,8 +287,11 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline into ``out``; returns the summary (also in ``summary.json``)."""
+def run_pipeline(
+    cfg: PipelineConfig, out: str | Path, echo: Any = print, params: DefenceParams | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline into ``out``; returns the summary (also in ``summary.json``).
+    ``params``: the hyper-parameters of the stage methods (the papers' by default)."""
     import copy
 
     from robustlab.antidote.evaluate import EvalSettings, evaluate_model
@@ -299,10 +304,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
         resolve_targets,
         save_realigned,
     )
-    from robustlab.antidote.train import stage_method
     from robustlab.runs import RunDir, cell_key, seed_everything
 
     validate(cfg)
+    params = (params or DefenceParams()).validate()
     data = pipeline_data(cfg)
     run = RunDir.open(out, asdict(cfg), seed=cfg.seed)
     stages = run.path / "stages"
@@ -349,7 +354,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
             echo("align: training")
             model, tokenizer = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code)
             tcfg = dataclasses.replace(cfg.align.train, seed=cfg.seed)
-            model, res = stage_method(cfg.align.method)(model, tokenizer, data.alignment, tcfg)
+            model, res = run_stage(cfg.align.method, model, tokenizer, data.alignment, tcfg, data, params)
             if tcfg.mode == "lora":
                 model = model.merge_and_unload()  # the official code merges the alignment adapter first
             save_checkpoint(model, tokenizer, aligned_dir)
@@ -373,7 +378,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
     if not run.is_done(cell_key(stage="finetune")):
         echo("finetune: training")
         tcfg = dataclasses.replace(ft.train, seed=cfg.seed)
-        ft_model, res = stage_method(ft.method)(copy.deepcopy(model), tokenizer, data.finetune, tcfg)
+        ft_model, res = run_stage(
+            ft.method, copy.deepcopy(model), tokenizer, data.finetune, tcfg, data, params
+        )
         save_checkpoint(ft_model, tokenizer, ft_dir)
         run.save(
             cell_key(stage="finetune"),
@@ -446,6 +453,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
     ]
 
     # 4. table and plot --------------------------------------------------------------------------------
+    from robustlab.antidote.pipeline_report import results_table, tradeoff_plot
+
     table = results_table(rows, cfg.evaluate.judges)
     (run.path / "results.md").write_text(table + "\n", encoding="utf-8")
     plot = tradeoff_plot(rows, cfg.evaluate.judges[0], run.path / "tradeoff.png")
@@ -456,63 +465,3 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, echo: Any = print) -> dic
     }
     run.write_summary(summary)
     return summary
-
-
-def results_table(rows: list[dict], judges: list[str]) -> str:
-    from robustlab.report import markdown_table
-
-    cols = [
-        "stage",
-        "α",
-        *[f"HS {j} %" for j in judges],
-        "FA %",
-        "NLL harmful",
-        "NLL refusal",
-        "refusal pref. %",
-        "refusal pref. % (first 3 tokens)",
-    ]
-    body = [
-        [
-            r["stage"],
-            r.get("ratio") or "—",
-            *[r.get(f"hs_{j}") for j in judges],
-            r.get("fa"),
-            r.get("nll_harmful"),
-            r.get("nll_refusal"),
-            r.get("refusal_preference"),
-            r.get("refusal_preference_start"),
-        ]
-        for r in rows
-    ]
-    return markdown_table(cols, body)
-
-
-def tradeoff_plot(rows: list[dict], judge: str, path: Path) -> Path:
-    """Harmful score against finetune accuracy: the aligned and fine-tuned models, and one line per
-    re-alignment method across the mask ratios."""
-    from robustlab.report import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    hs = f"hs_{judge}"
-    fa = lambda r: r.get("fa") if r.get("fa") is not None else float("nan")  # noqa: E731
-    base = {r["stage"]: r for r in rows if r["stage"] in ("aligned", "finetuned")}
-    for label in dict.fromkeys(r["stage"] for r in rows if r["stage"] not in ("aligned", "finetuned")):
-        pts = sorted((r for r in rows if r["stage"] == label), key=lambda r: r["ratio"])
-        if "finetuned" in base:
-            pts = [base["finetuned"], *pts]
-        ax.plot([fa(p) for p in pts], [p.get(hs) for p in pts], marker="o", label=label)
-        for p in pts[1:]:
-            ax.annotate(
-                f"{p['ratio']:g}", (fa(p), p.get(hs)), fontsize=7, xytext=(3, 3), textcoords="offset points"
-            )
-    for name, mk in (("aligned", "*"), ("finetuned", "X")):
-        if name in base:
-            ax.scatter(
-                [fa(base[name])], [base[name].get(hs)], marker=mk, s=120, color="k", zorder=5, label=name
-            )
-    ax.set_xlabel("finetune accuracy % (↑)")
-    ax.set_ylabel(f"harmful score % ({judge} judge, ↓)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)

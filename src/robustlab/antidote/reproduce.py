@@ -55,8 +55,10 @@ def demo_progress(cfg: Any, out: Path) -> contextlib.AbstractContextManager:
 
 def reproduce(scale: str, out: Path, seed: int) -> Section:
     """Run (or resume) the demo into ``out``. Seeds are ``seed, seed+1, seed+2``."""
-    from robustlab.antidote.cli import quiet_transformers
-    from robustlab.antidote.tiny import demo_config, paired_differences, run_demo, summary_text
+    from robustlab.antidote.cli_common import quiet_transformers
+    from robustlab.antidote.demo import run_demo
+    from robustlab.antidote.demo_report import paired_differences, summary_text
+    from robustlab.antidote.tiny import demo_config
 
     quiet_transformers()
     cfg = demo_config(scale)

@@ -40,7 +40,7 @@ def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def _params(items: list[str] | None):
-    from robustlab.antidote.baselines import DefenceParams
+    from robustlab.antidote.methods import DefenceParams
 
     params = DefenceParams()
     fields = {f for f in DefenceParams.__dataclass_fields__}
@@ -90,7 +90,8 @@ def sweep(
     """Every method across fine-tuning learning rates and epochs (the paper's robustness tables)."""
     import dataclasses
 
-    from robustlab.antidote.sweep import SweepConfig, tiny_sweep_config
+    from robustlab.antidote.sweep import SweepConfig
+    from robustlab.antidote.sweep_harness import tiny_sweep_config
 
     overrides = {
         "methods": tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else None,
@@ -125,8 +126,9 @@ def sweep(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()  # every input is checked before the run folder exists
 
-    from robustlab.antidote.cli import quiet_transformers
-    from robustlab.antidote.sweep import pipeline_harness, run_sweep, tiny_harness
+    from robustlab.antidote.cli_common import quiet_transformers
+    from robustlab.antidote.sweep import run_sweep
+    from robustlab.antidote.sweep_harness import pipeline_harness, tiny_harness
 
     quiet_transformers()
     echo = lambda s: typer.echo(s, err=True)  # noqa: E731
@@ -157,7 +159,7 @@ def method_pipeline(
     mcfg = load_method_config(config, {"method": method} if method else None)
     with_judge_model(mcfg.pipeline, judge_model)
     out = out or Path("runs") / "antidote" / config.stem
-    from robustlab.antidote.cli import quiet_transformers
+    from robustlab.antidote.cli_common import quiet_transformers
 
     quiet_transformers()
     from robustlab.antidote.baselines_pipeline import run_method_pipeline

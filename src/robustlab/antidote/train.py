@@ -6,9 +6,9 @@ masked with -100), shuffling from one seed. Defaults are the official scripts' (
 - alignment: LoRA r=256, alpha=4 on q/k/v, lr 1e-3, 20 epochs, batch 5, cosine, warmup 0.1, weight decay 0.1;
 - fine-tuning: a new LoRA with the same shape, lr 1e-4, 20 epochs, batch 5, constant, weight decay 0.1.
 
-Defences that act during alignment or fine-tuning (Vaccine, RepNoise, Booster, Lisa, LDIFS) plug in through
-:data:`STAGE_METHODS`: a method is a function ``(model, tokenizer, examples, config, **extra) -> TrainResult``;
-``sft`` is :func:`train`. They can also reuse :func:`train` with their own ``loss_fn`` or ``step_hook``.
+Defences that act during alignment or fine-tuning (Vaccine, RepNoise, Booster, Lisa, LDIFS) are registered in
+:data:`robustlab.antidote.methods.REGISTRY`; ``sft`` is :func:`train`. They reuse :func:`train` with their own
+``loss_fn`` or ``step_hook``.
 """
 
 from __future__ import annotations
@@ -305,17 +305,6 @@ def merge_lora(model: Any) -> Any:
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
-
-
-#: Stage methods by name, for the pipeline's ``method:`` keys. ``sft`` is the plain loop; alignment-stage
-#: (Vaccine, RepNoise, Booster) and fine-tuning-stage (Lisa, LDIFS) defences register here later.
-STAGE_METHODS: dict[str, Callable[..., tuple[Any, TrainResult]]] = {"sft": train}
-
-
-def stage_method(name: str) -> Callable[..., tuple[Any, TrainResult]]:
-    if name not in STAGE_METHODS:
-        raise UserError(f"unknown stage method {name!r}", f"choose from {', '.join(STAGE_METHODS)}")
-    return STAGE_METHODS[name]
 
 
 def with_overrides(base: TrainConfig, **overrides: Any) -> TrainConfig:

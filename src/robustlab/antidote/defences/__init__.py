@@ -17,65 +17,8 @@ safelora      post-fine-tuning    :func:`.safelora.safelora` (threshold 0.5)
 resta         post-fine-tuning    :func:`.resta.resta` (safety vector + DARE)
 ============  ==================  ===============================================================
 
-Stage methods share the signature ``(model, tokenizer, examples, config, **extra) -> (model, TrainResult)``
-of :data:`robustlab.antidote.train.STAGE_METHODS`; the extra data they need is passed by keyword:
-``harmful=`` (harmful prompt -> harmful answer pairs) for RepNoise and Booster, ``guide=`` (alignment data)
-for Lisa. :func:`register_stage_methods` adds them to ``STAGE_METHODS``.
+Stage methods share the signature ``(model, tokenizer, examples, config, **extra) -> (model, TrainResult)``;
+the extra data they need is passed by keyword: ``harmful=`` (harmful prompt -> harmful answer pairs) for
+RepNoise and Booster, ``guide=`` (alignment data) for Lisa. Which function runs a method, with which data and
+hyper-parameters, is recorded once, in :data:`robustlab.antidote.methods.REGISTRY`.
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
-
-#: Alignment-stage defences: name -> (module, function, extra data keyword or None).
-ALIGNMENT_METHODS = {
-    "sft": None,
-    "vaccine": ("vaccine", "train_vaccine", None),
-    "repnoise": ("repnoise", "train_repnoise", "harmful"),
-    "booster": ("booster", "train_booster", "harmful"),
-}
-#: Fine-tuning-stage defences.
-FINETUNE_METHODS = {
-    "sft": None,
-    "lisa": ("lisa", "train_lisa", "guide"),
-    "ldifs": ("ldifs", "train_ldifs", None),
-}
-#: Post-fine-tuning defences.
-POST_METHODS = ("none", "antidote", "random", "magnitude", "safelora", "resta")
-#: Every method name the pipeline's ``method:`` key accepts.
-METHODS = ("sft", "vaccine", "repnoise", "booster", "lisa", "ldifs", "antidote", "safelora", "resta")
-
-
-def stage_function(name: str) -> Callable[..., Any]:
-    """The training function of a stage method (``sft`` is the plain loop)."""
-    import importlib
-
-    from robustlab.antidote.train import train
-    from robustlab.errors import UserError
-
-    entry = {**ALIGNMENT_METHODS, **FINETUNE_METHODS}.get(name, "missing")
-    if entry == "missing":
-        raise UserError(
-            f"unknown training-stage method {name!r}",
-            f"choose from {', '.join(dict.fromkeys([*ALIGNMENT_METHODS, *FINETUNE_METHODS]))}",
-        )
-    if entry is None:
-        return train
-    module = importlib.import_module(f"robustlab.antidote.defences.{entry[0]}")
-    return getattr(module, entry[1])
-
-
-def extra_data_key(name: str) -> str | None:
-    """The keyword of the auxiliary data a stage method needs (``harmful``, ``guide``) or None."""
-    entry = {**ALIGNMENT_METHODS, **FINETUNE_METHODS}.get(name)
-    return entry[2] if entry else None
-
-
-def register_stage_methods() -> None:
-    """Add every training-stage defence to :data:`robustlab.antidote.train.STAGE_METHODS`."""
-    from robustlab.antidote.train import STAGE_METHODS
-
-    for name in (*ALIGNMENT_METHODS, *FINETUNE_METHODS):
-        if name not in STAGE_METHODS:
-            STAGE_METHODS[name] = stage_function(name)

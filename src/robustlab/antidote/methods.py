@@ -1,5 +1,10 @@
-"""Antidote's comparison set as configurable pipeline stages: a *method* is an alignment-stage defence, a
-fine-tuning-stage defence and a post-fine-tuning defence, chained.
+"""The one registry of Antidote's comparison set: alignment-stage, fine-tuning-stage and post-fine-tuning
+methods (``papers/antidote.md`` §6), how each is run, and method strings that chain them.
+
+:data:`REGISTRY` maps a name to a :class:`Method` (its stages, display label, entry point, the auxiliary
+data it trains with and its hyper-parameters from :class:`DefenceParams`). It is read-only: the pipeline,
+the sweep and the CLI look methods up here and call :func:`run_stage` / :func:`apply_post`, which bind a
+run's data and hyper-parameters explicitly; nothing is registered or swapped at run time.
 
 Method strings (the pipeline's ``method:`` key and the sweep's ``--methods``):
 
@@ -8,33 +13,129 @@ Method strings (the pipeline's ``method:`` key and the sweep's ``--methods``):
   ``magnitude`` (post-fine-tuning);
 - a combination joins them with ``+`` in stage order, e.g. ``vaccine+sft+antidote`` (the paper's V-S-A),
   ``vaccine+lisa+antidote`` (V-L-A), ``sft+lisa+antidote``.
-
-The hyper-parameters default to the papers' (:class:`DefenceParams`); :func:`auxiliary_data` supplies the extra
-data some defences need, built from the pipeline's disjoint slices (:class:`HarmfulFinetuningData`).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any
 
-from robustlab.antidote.defences import ALIGNMENT_METHODS, FINETUNE_METHODS, POST_METHODS, stage_function
 from robustlab.errors import UserError
 
-#: Display names of the single methods (the paper's spelling).
-LABELS = {
-    "sft": "SFT",
-    "vaccine": "Vaccine",
-    "repnoise": "RepNoise",
-    "booster": "Booster",
-    "lisa": "Lisa",
-    "ldifs": "LDIFS",
-    "antidote": "Antidote",
-    "safelora": "SafeLoRA",
-    "resta": "RESTA",
-    "random": "random pruning",
-    "magnitude": "magnitude pruning",
-}
+STAGES = ("alignment", "finetune", "post")
+_STAGE_NAMES = {"alignment": "alignment-stage", "finetune": "fine-tuning-stage", "post": "post-fine-tuning"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method. ``entry``: ``"module:function"`` (relative to ``robustlab.antidote``) of a
+    training-stage method, whose signature is ``(model, tokenizer, examples, config, **kwargs) -> (model,
+    TrainResult)``; ``data``: the keyword of the auxiliary data it trains with (``harmful`` pairs or the
+    ``guide`` alignment set); ``params``: ``(keyword, DefenceParams field)`` pairs."""
+
+    name: str
+    stages: tuple[str, ...]
+    label: str
+    letter: str
+    entry: str | None = None
+    data: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+
+
+REGISTRY: Mapping[str, Method] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            Method("sft", ("alignment", "finetune"), "SFT", "S", "train:train"),
+            Method(
+                "vaccine",
+                ("alignment",),
+                "Vaccine",
+                "V",
+                "defences.vaccine:train_vaccine",
+                None,
+                (("rho", "vaccine_rho"),),
+            ),
+            Method(
+                "repnoise",
+                ("alignment",),
+                "RepNoise",
+                "R",
+                "defences.repnoise:train_repnoise",
+                "harmful",
+                (("alpha", "repnoise_alpha"), ("beta", "repnoise_beta")),
+            ),
+            Method(
+                "booster",
+                ("alignment",),
+                "Booster",
+                "B",
+                "defences.booster:train_booster",
+                "harmful",
+                (("lam", "booster_lambda"), ("alpha", "booster_alpha")),
+            ),
+            Method(
+                "lisa",
+                ("finetune",),
+                "Lisa",
+                "L",
+                "defences.lisa:train_lisa",
+                "guide",
+                (
+                    ("rho", "lisa_rho"),
+                    ("alignment_steps", "lisa_alignment_steps"),
+                    ("finetune_steps", "lisa_finetune_steps"),
+                ),
+            ),
+            Method(
+                "ldifs",
+                ("finetune",),
+                "LDIFS",
+                "D",
+                "defences.ldifs:train_ldifs",
+                None,
+                (("rho", "ldifs_rho"),),
+            ),
+            Method("none", ("post",), "", ""),
+            Method("antidote", ("post",), "Antidote", "A"),
+            Method("random", ("post",), "random pruning", "rand"),
+            Method("magnitude", ("post",), "magnitude pruning", "mag"),
+            Method("safelora", ("post",), "SafeLoRA", "SL"),
+            Method("resta", ("post",), "RESTA", "RT"),
+        )
+    }
+)
+
+
+def names(stage: str) -> tuple[str, ...]:
+    """The methods of one stage (``alignment``, ``finetune`` or ``post``), in registry order."""
+    return tuple(n for n, m in REGISTRY.items() if stage in m.stages)
+
+
+def method(name: str, stage: str) -> Method:
+    """The registered method ``name`` of ``stage``; :class:`UserError` naming the stage's methods otherwise."""
+    m = REGISTRY.get(str(name).strip().lower())
+    if m is None or stage not in m.stages:
+        kind = "unknown method" if m is None else f"not a {_STAGE_NAMES[stage]} method:"
+        raise UserError(f"{kind} {name!r} ({_STAGE_NAMES[stage]})", f"use one of {', '.join(names(stage))}")
+    return m
+
+
+def train_function(name: str) -> Callable[..., Any]:
+    """The training function of a training-stage method (``sft`` is the plain loop)."""
+    m = REGISTRY.get(name)
+    if m is None or m.entry is None:
+        raise UserError(
+            f"unknown training-stage method {name!r}",
+            f"choose from {', '.join(dict.fromkeys([*names('alignment'), *names('finetune')]))}",
+        )
+    module, function = m.entry.split(":")
+    return getattr(importlib.import_module(f"robustlab.antidote.{module}"), function)
+
+
 #: The paper's comparison (section 5.1) plus Booster, SafeLoRA, RESTA, the V-S-A combination and the
 #: paper's two pruning controls at Antidote's ratio (random and magnitude pruning of the same weights).
 DEFAULT_METHODS = (
@@ -72,48 +173,35 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        if self.name in LABELS:
-            return LABELS[self.name]
-        letters = {"sft": "S", "vaccine": "V", "repnoise": "R", "booster": "B", "lisa": "L", "ldifs": "D"}
-        post = {"antidote": "A", "safelora": "SL", "resta": "RT", "random": "rand", "magnitude": "mag"}
-        out = [letters[self.align], letters[self.finetune]]
-        if self.post != "none":
-            out.append(post[self.post])
-        return "-".join(out)
+        """The paper's name of a single method; letters for a combination (``V-S-A``)."""
+        if self.name in REGISTRY:
+            return REGISTRY[self.name].label
+        parts = [self.align, self.finetune] + ([] if self.post == "none" else [self.post])
+        return "-".join(REGISTRY[p].letter for p in parts)
 
 
 def parse_method(text: str) -> MethodSpec:
     """``"vaccine"`` -> ``MethodSpec(align="vaccine")``; ``"vaccine+sft+antidote"`` -> all three stages.
     Unknown names or names in the wrong stage raise :class:`UserError`."""
     parts = [p.strip().lower() for p in str(text).split("+") if p.strip()]
-    allowed = ", ".join(dict.fromkeys([*ALIGNMENT_METHODS, *FINETUNE_METHODS, *POST_METHODS[1:]]))
+    allowed = ", ".join(n for n in REGISTRY if n != "none")
     if not parts:
         raise UserError("empty method", f"use one of {allowed}, or a combination like vaccine+sft+antidote")
     if len(parts) == 1:
-        p = parts[0]
-        if p in ALIGNMENT_METHODS:
-            return MethodSpec(align=p)
-        if p in FINETUNE_METHODS:
-            return MethodSpec(finetune=p)
-        if p in POST_METHODS and p != "none":
-            return MethodSpec(post=p)
-        raise UserError(f"unknown method {text!r}", f"use one of {allowed}")
+        found = REGISTRY.get(parts[0])
+        if found is None or found.name == "none":
+            raise UserError(f"unknown method {text!r}", f"use one of {allowed}")
+        stage = found.stages[0]
+        return MethodSpec(
+            **{{"alignment": "align", "finetune": "finetune", "post": "post"}[stage]: found.name}
+        )
     if len(parts) not in (2, 3):
         raise UserError(
             f"method {text!r} has {len(parts)} parts", "use align+finetune[+post], e.g. vaccine+sft+antidote"
         )
-    align, finetune = parts[0], parts[1]
-    post = parts[2] if len(parts) == 3 else "none"
-    if align not in ALIGNMENT_METHODS:
-        raise UserError(
-            f"{align!r} is not an alignment-stage method", f"use one of {', '.join(ALIGNMENT_METHODS)}"
-        )
-    if finetune not in FINETUNE_METHODS:
-        raise UserError(
-            f"{finetune!r} is not a fine-tuning-stage method", f"use one of {', '.join(FINETUNE_METHODS)}"
-        )
-    if post not in POST_METHODS:
-        raise UserError(f"{post!r} is not a post-fine-tuning method", f"use one of {', '.join(POST_METHODS)}")
+    align = method(parts[0], "alignment").name
+    finetune = method(parts[1], "finetune").name
+    post = method(parts[2], "post").name if len(parts) == 3 else "none"
     return MethodSpec(align, finetune, post)
 
 
@@ -166,31 +254,20 @@ def harmful_pairs(data: Any) -> list[Any]:
     return list(data.harmful_aux)
 
 
-def auxiliary_data(method: str, data: Any, data_dir: Any = None) -> dict[str, Any]:
-    """The keyword data a training-stage method needs: ``harmful`` pairs (RepNoise, Booster) or the ``guide``
-    alignment set (Lisa)."""
-    if method in ("repnoise", "booster"):
+def auxiliary_data(name: str, data: Any) -> dict[str, Any]:
+    """The keyword data a training-stage method trains with (its registry ``data``): ``harmful`` pairs
+    (RepNoise, Booster) or the ``guide`` alignment set (Lisa)."""
+    key = REGISTRY[name].data
+    if key == "harmful":
         return {"harmful": harmful_pairs(data)}
-    if method == "lisa":
+    if key == "guide":
         return {"guide": list(data.alignment)}
     return {}
 
 
-def stage_kwargs(method: str, params: DefenceParams) -> dict[str, Any]:
-    """The hyper-parameter keywords of a training-stage method."""
-    p = params
-    return {
-        "sft": {},
-        "vaccine": {"rho": p.vaccine_rho},
-        "repnoise": {"alpha": p.repnoise_alpha, "beta": p.repnoise_beta},
-        "booster": {"lam": p.booster_lambda, "alpha": p.booster_alpha},
-        "lisa": {
-            "rho": p.lisa_rho,
-            "alignment_steps": p.lisa_alignment_steps,
-            "finetune_steps": p.lisa_finetune_steps,
-        },
-        "ldifs": {"rho": p.ldifs_rho},
-    }[method]
+def stage_kwargs(name: str, params: DefenceParams) -> dict[str, Any]:
+    """The hyper-parameter keywords of a training-stage method, from ``params``."""
+    return {keyword: getattr(params, field) for keyword, field in REGISTRY[name].params}
 
 
 def run_stage(
@@ -201,12 +278,12 @@ def run_stage(
     config: Any,
     data: Any,
     params: DefenceParams,
-    data_dir: Any = None,
     log: Any = None,
 ) -> tuple[Any, Any]:
-    """Train one stage (alignment or fine-tuning) with ``method``; returns ``(model, TrainResult)``."""
-    fn = stage_function(method)
-    kwargs = {**auxiliary_data(method, data, data_dir), **stage_kwargs(method, params)}
+    """Train one stage (alignment or fine-tuning) with ``method``, bound to this run's ``data`` (for the
+    auxiliary data some defences need) and hyper-parameters; returns ``(model, TrainResult)``."""
+    fn = train_function(method)
+    kwargs = {**auxiliary_data(method, data), **stage_kwargs(method, params)}
     if log is not None:
         kwargs["log"] = log
     return fn(model, tokenizer, examples, config, **kwargs)
@@ -257,4 +334,4 @@ def apply_post(
 
         model, rep = resta(model, aligned, unaligned, params.resta_scale, params.resta_drop_rate, seed)
         return model, {"resta_dropped": rep.dropped}
-    raise UserError(f"unknown post-fine-tuning method {method!r}", f"use one of {', '.join(POST_METHODS)}")
+    raise UserError(f"unknown post-fine-tuning method {method!r}", f"use one of {', '.join(names('post'))}")

@@ -1,0 +1,16 @@
+"""Pieces every ``robustlab antidote`` command shares. No torch / transformers at import time:
+``robustlab --help`` imports every sub-app."""
+
+from __future__ import annotations
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and info logs, so the CLI's output (and a one-line error) stays
+    readable. Only commands that load models call this."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
