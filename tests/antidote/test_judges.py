@@ -145,7 +145,7 @@ def test_cross_validated_selection_picks_the_informative_features():
     good = rng.normal(size=(300, 5)) + 1.5 * y[:, None]
     noise = rng.normal(size=(300, 5))
     groups = [str(i // 3) for i in range(300)]
-    sel = J._grouped_cv_selection({"good": good, "noise": noise}, y, groups, seed=0)
+    sel = EJ._grouped_cv_selection({"good": good, "noise": noise}, y, groups, seed=0)
     assert sel["best"]["features"] == "good" and sel["best"]["cv_accuracy"] > 0.8
     assert max(r["cv_accuracy"] for r in sel["grid"] if r["features"] == "noise") < 0.65
     assert len(sel["grid"]) == 2 * 4 * 2

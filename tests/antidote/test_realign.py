@@ -348,6 +348,31 @@ def test_padding_tokens_do_not_leak_into_statistics():
         torch.testing.assert_close(a.stats[n], b.stats[n], rtol=1e-9, atol=1e-12)
 
 
+def test_a_mask_with_holes_counts_exactly_its_real_tokens():
+    """Masks are normally one run of real tokens per row; one with holes (gathered instead of sliced) gives
+    the mean of x^2 over exactly the positions marked 1, read here by plain hooks on the same forward."""
+    model = tiny("llama").double().eval()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=gen)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]])
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    modules = dict(model.named_modules())
+    seen = {}
+    handles = [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0].detach()))
+        for n in names
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    for h in handles:
+        h.remove()
+    stats = R.collect_statistics(model, [{"input_ids": ids, "attention_mask": mask}], names)
+    for n in names:
+        x = seen[n][mask.bool()]
+        torch.testing.assert_close(stats.mean_sq[n], (x**2).mean(dim=0), rtol=1e-12, atol=0)
+        assert stats.tokens[n] == int(mask.sum())
+
+
 # --------------------------------------------------------------------------- LoRA adapters (peft)
 
 

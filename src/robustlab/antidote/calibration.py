@@ -146,43 +146,64 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
 
 
 class _Collector:
-    """Forward hooks that add up ``x_j^2`` over non-padded tokens; they only read the inputs."""
+    """Forward hooks that add up ``x_j^2`` over non-padded tokens; they only read the inputs.
+
+    Each sequence's real tokens are one contiguous run of the flattened ``(batch * seq, dim)`` input (left
+    or right padding), so a hook reduces views of the input and copies nothing: per sequence, the squared
+    float32 norm of every channel (the official ``torch.norm(inp, p=2) ** 2`` of a sample; float64 for a
+    float64 model), summed over sequences in float64. A mask with holes falls back to gathering its rows.
+    """
 
     def __init__(self, targets: Mapping[str, nn.Module]) -> None:
         self.targets = targets
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = dict.fromkeys(targets, 0)
-        self.mask: torch.Tensor | None = None  # (batch, seq) bool of the batch in flight
-        self.flat_index: torch.Tensor | None = None
+        self.rows = 0  # flattened (batch * seq) size of the batch in flight
+        self.runs: list[tuple[int, int]] = []  # [start, end) of each sequence's real tokens, flattened
+        self.gather: torch.Tensor | None = None  # the real tokens' flat indices, for masks with holes
+        self.count = 0
         self.handles: list[Any] = []
 
     def set_batch(self, mask: torch.Tensor) -> None:
-        self.mask = mask.bool()
-        self.flat_index = self.mask.reshape(-1).nonzero().squeeze(1)
+        flat = mask.bool()
+        self.rows, width = flat.numel(), flat.shape[-1]
+        self.count = int(flat.sum())
+        self.runs, self.gather = [], None
+        for r, row in enumerate(flat.reshape(-1, width).cpu()):
+            idx = row.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            first, last = int(idx[0]), int(idx[-1]) + 1
+            if last - first != idx.numel():  # holes: gather the rows instead
+                self.runs, self.gather = [], flat.reshape(-1).nonzero().squeeze(1)
+                return
+            self.runs.append((r * width + first, r * width + last))
 
     def hook(self, name: str, dim: int):
         def collect(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
-            assert self.mask is not None and self.flat_index is not None
             if x.shape[-1] != dim:
                 raise RuntimeError(f"{name}: input has {x.shape[-1]} features, weight expects {dim}")
             rows = x.reshape(-1, dim)
-            # (batch, seq, dim) inputs flatten row-major, so the flat token index of the mask applies
-            if rows.shape[0] != self.mask.numel():
+            # (batch, seq, dim) inputs flatten row-major, so the flat token positions of the mask apply
+            if rows.shape[0] != self.rows:
                 raise UserError(
-                    f"module {name} sees {rows.shape[0]} input rows for a batch of {self.mask.numel()} tokens, "
+                    f"module {name} sees {rows.shape[0]} input rows for a batch of {self.rows} tokens, "
                     "so its inputs cannot be matched to calibration tokens",
                     "leave it out of the targets (e.g. mixture-of-experts expert layers)",
                 )
-            valid = rows.index_select(0, self.flat_index.to(x.device))
-            if valid.dtype != torch.float64:
-                valid = valid.float()
-            sq = valid.square().sum(dim=0, dtype=torch.float64)
-            if name in self.sums:
-                self.sums[name] += sq
-            else:
-                self.sums[name] = sq
-            self.tokens[name] += int(self.flat_index.numel())
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            parts = (
+                [rows.index_select(0, self.gather.to(x.device))]
+                if self.gather is not None
+                else [rows[a:b] for a, b in self.runs]
+            )
+            total = self.sums.get(name)
+            if total is None:
+                total = self.sums[name] = torch.zeros(dim, dtype=torch.float64, device=x.device)
+            for part in parts:
+                total += torch.linalg.vector_norm(part, 2, dim=0, dtype=acc).double().square()
+            self.tokens[name] += self.count
 
         return collect
 

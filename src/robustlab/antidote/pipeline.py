@@ -66,9 +66,8 @@ class EvalConfig:
     batch_size: int = 16
     max_prompt: int = 1024
     max_length: int = 1024
-    judge_model: str | None = (
-        None  # beaver-dam: a local folder or hub id (default PKU-Alignment/beaver-dam-7b)
-    )
+    #: the beaver-dam judge: a local folder or hub id (``--judge-model``); default PKU-Alignment/beaver-dam-7b
+    judge_model: str | None = None
 
 
 @dataclass

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from robustlab.antidote.calibration import (
-    CalibrationStatistics,
     calibration_batches,
     calibration_hash,
     collect_statistics,
@@ -63,11 +62,9 @@ __all__ = [
     "calibration_hash",
     "has_lora_adapter",
     "load_masks",
-    "magnitude_scores",
     "masks_for_ratios",
     "masks_from_scores",
     "module_score",
-    "random_scores",
     "realign",
     "realign_masks",
     "resolve_targets",
@@ -110,29 +107,14 @@ def module_score(
 class WandaScores(dict):
     """Scores of every target by module name (tensors of each weight's shape) plus ``out_axis[name]``: the
     weight axis that indexes output units (0 for ``nn.Linear``, 1 for ``Conv1D``). ``stats`` holds the
-    per-input-channel mean of ``x^2`` and ``tokens`` the calibration tokens per module (empty for the
-    controls). For inspection and benchmarks; :func:`realign` never holds all scores at once."""
+    per-input-channel mean of ``x^2`` and ``tokens`` the calibration tokens per module. :func:`realign`
+    never holds all scores at once."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.out_axis: dict[str, int] = {}
         self.stats: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
-
-
-def _all_scores(
-    model: nn.Module, targets: Any, method: str, stats: CalibrationStatistics | None, seed: int = 0
-) -> WandaScores:
-    gen = torch.Generator().manual_seed(int(seed)) if method == "random" else None
-    scores = WandaScores()
-    for name, module in sorted(resolve_targets(model, targets).items()):
-        mean_sq = stats.mean_sq[name] if stats is not None else None
-        scores[name] = module_score(module, method, mean_sq, gen)
-        scores.out_axis[name] = out_axis(module)
-        if stats is not None:
-            scores.stats[name] = mean_sq
-            scores.tokens[name] = stats.tokens[name]
-    return scores
 
 
 def wanda_scores(
@@ -142,21 +124,18 @@ def wanda_scores(
     progress: bool = False,
 ) -> WandaScores:
     """Wanda scores ``|W_ij| * sqrt(mean over calibration tokens of x_j^2)`` of every target module at once
-    (see :func:`~robustlab.antidote.calibration.collect_statistics` for the batches). Returns a
-    :class:`WandaScores`. Raises :class:`UserError` for an empty calibration set or malformed batches."""
-    stats = collect_statistics(model, calibration, targets, progress)
-    return _all_scores(model, targets, "wanda", stats)
-
-
-def magnitude_scores(model: nn.Module, targets: str | Sequence[str] = "auto") -> WandaScores:
-    """The magnitude control: ``|W|`` (the official fallback when no calibration sample is given)."""
-    return _all_scores(model, targets, "magnitude", None)
-
-
-def random_scores(model: nn.Module, targets: str | Sequence[str] = "auto", seed: int = 0) -> WandaScores:
-    """The random-pruning control: i.i.d. uniform scores from one seeded generator (modules in name order),
-    so the mask is a uniformly random set of exactly the same per-row size as Antidote's."""
-    return _all_scores(model, targets, "random", None, seed)
+    (see :func:`~robustlab.antidote.calibration.collect_statistics` for the batches), for inspection and
+    benchmarks. Returns a :class:`WandaScores`. Raises :class:`UserError` for an empty calibration set or
+    malformed batches."""
+    chosen = resolve_targets(model, targets)
+    stats = collect_statistics(model, calibration, chosen, progress)
+    scores = WandaScores()
+    for name, module in chosen.items():
+        scores[name] = module_score(module, "wanda", stats.mean_sq[name])
+        scores.out_axis[name] = out_axis(module)
+        scores.stats[name] = stats.mean_sq[name]
+        scores.tokens[name] = stats.tokens[name]
+    return scores
 
 
 # --------------------------------------------------------------------------- masks
@@ -184,12 +163,18 @@ def zeroed_per_row(cols: int, mask_ratio: float) -> int:
     return int(cols - int(cols * (1.0 - mask_ratio)))
 
 
-def row_masks(score: torch.Tensor, axis: int, mask_ratios: Sequence[float]) -> list[torch.Tensor]:
+def row_masks(
+    score: torch.Tensor,
+    axis: int,
+    mask_ratios: Sequence[float],
+    out: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """Bool masks (True = zeroed) of ``score``'s shape, one per ratio, from one sort per row.
 
     Rows are output units (``axis`` is the weight axis that indexes them). Each row is sorted ascending with
     a stable sort and its first ``int(cols * (1 - α))`` entries are kept, as the official code: among equal
-    scores the lower column index is kept. The masks of several ratios are nested.
+    scores the lower column index is kept. The masks of several ratios are nested. ``out``: bool tensors of
+    the row-major shape (output units first) to write the masks into, one per ratio (any device).
     """
     if score.dim() != 2:
         raise ValueError(f"scores must be 2-D weight matrices, got shape {tuple(score.shape)}")
@@ -197,10 +182,16 @@ def row_masks(score: torch.Tensor, axis: int, mask_ratios: Sequence[float]) -> l
     cols = rows.shape[1]
     order = torch.sort(rows, dim=1, stable=True).indices  # ascending; equal scores keep index order
     masks = []
-    for ratio in mask_ratios:
+    for i, ratio in enumerate(mask_ratios):
         keep = cols - zeroed_per_row(cols, ratio)
-        mask = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+        target = out[i] if out is not None else None
+        if target is not None and target.device == rows.device:
+            mask = target.fill_(True)
+        else:
+            mask = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
         mask.scatter_(1, order[:, :keep], False)
+        if target is not None and mask is not target:
+            mask = target.copy_(mask)
         masks.append(mask if axis == 0 else mask.t())
     return masks
 
@@ -376,11 +367,22 @@ def realign_masks(
             raise UserError("Wanda scoring needs a calibration set", "pass calibration batches")
         stats = collect_statistics(model, calibration, chosen, progress, getattr(runtime, "device", None))
     gen = torch.Generator().manual_seed(int(seed)) if method == "random" else None
+    # every mask is a view of one CPU buffer: allocated once, so the long-lived masks do not interleave
+    # with the per-module temporaries (which would fragment the heap and grow the resident set)
+    total = sum(m.weight.numel() for m in chosen.values())
+    buffer = torch.empty(len(ratios) * total, dtype=torch.bool)
+    offsets, start = {}, 0
+    for name, module in chosen.items():
+        offsets[name] = start
+        start += module.weight.numel()
     masks: dict[float, dict[str, torch.Tensor]] = {r: {} for r in ratios}
     for name, module in sorted(chosen.items()):
+        shape = module.weight.shape if out_axis(module) == 0 else module.weight.shape[::-1]
+        n = module.weight.numel()
+        out = [buffer[i * total + offsets[name] :][:n].view(shape) for i in range(len(ratios))]
         score = module_score(module, method, stats.mean_sq[name] if stats else None, gen)
-        for r, mask in zip(ratios, row_masks(score, out_axis(module), ratios), strict=True):
-            masks[r][name] = mask.cpu()
+        for r, mask in zip(ratios, row_masks(score, out_axis(module), ratios, out), strict=True):
+            masks[r][name] = mask
         del score
     return RatioMasks(
         masks={r: {n: m[n] for n in chosen} for r, m in masks.items()},  # model order
@@ -467,7 +469,11 @@ def save_realigned(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     save_file(
-        {n: m.detach().to("cpu", torch.bool).contiguous() for n, m in result.masks.items()},
+        # clones: the masks are views of one buffer, and safetensors stores no shared memory
+        {
+            n: m.detach().to("cpu", torch.bool).clone(memory_format=torch.contiguous_format)
+            for n, m in result.masks.items()
+        },
         str(out / "realign_mask.safetensors"),
     )
     record: dict[str, Any] = {
