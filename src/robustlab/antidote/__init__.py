@@ -4,7 +4,8 @@
 The modules, in the order of the paper's pipeline:
 
 - **data**: ``data`` (BeaverTails, the benign tasks, templates, the disjoint slices of one run).
-- **models**: ``models`` (loading a base model and its adapters).
+- **models**: ``models`` (loading a base model and its adapters), ``sources`` (built-in offline models, GGUF),
+  ``runtime`` (device, dtype, device map).
 - **stages**: ``train`` (the plain SFT loop), ``defences/`` (alignment- and fine-tuning-stage defences and
   SafeLoRA / RESTA), ``methods`` (the one registry of every method and its stage; method strings).
 - **realign** (the method): ``targets`` (which weights), ``calibration`` (the re-alignment set and its
