@@ -153,13 +153,19 @@ def summarise_cells(cells: dict[int, dict], control: dict[int, dict] | None, rng
         s, ci = _boot_slope([regs[i] for i in last], [Ks[i] for i in last], rng, reps)
         out["last_decade"] = {"K": [Ks[last[0]], Ks[-1]], "slope": s, "ci95": ci}
     if control:
-        diffs = []
+        diffs, dK, dregs = [], [], []
         for k, r in zip(Ks, regs, strict=True):
             if k in control:
                 c = float(np.mean(control[k]["regret"]))  # the control is deterministic (no learner noise)
                 lo, hi = bootstrap_mean_ci(r - c, rng, reps)
                 diffs.append({"K": k, "control": c, "diff": float(r.mean() - c), "diff_ci95": [lo, hi]})
+                dK.append(k)
+                dregs.append(r - c)
         out["minus_control"] = diffs
+        last = [i for i, k in enumerate(dK) if k >= dK[-1] / 10 * 0.999] if dK else []
+        if len(last) >= 2 and dK[-1] >= 10 * dK[last[0]] * 0.999 and all(dregs[i].mean() > 0 for i in last):
+            s, ci = _boot_slope([dregs[i] for i in last], [dK[i] for i in last], rng, reps)
+            out["minus_control_last_decade"] = {"K": [dK[last[0]], dK[-1]], "slope": s, "ci95": ci}
     return out
 
 
