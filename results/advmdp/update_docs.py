@@ -83,7 +83,7 @@ def wall(summary: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, g in summary["grids"].items():
-        env = json.loads((RES / "sweep" / name / "env.json").read_text())
+        env = json.loads((RES / "sweep" / g["folders"][0] / "env.json").read_text())
         done = sum(len(a["K"]) for a in g["algorithms"].values())
         planned = len(g["K_planned"]) * len(g["algorithms"])
         secs = sum(sum(a["seconds"]) for a in g["algorithms"].values())

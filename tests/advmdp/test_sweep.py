@@ -71,6 +71,15 @@ def test_sweep_runs_resumes_and_reports(tmp_path):
     )
     r = g["alg2"]["regret_mean"]
     assert g["alg2"]["local_slopes"][0]["slope"] == pytest.approx(math.log(r[1] / r[0]) / math.log(3))
+    # an extension to larger K with one seed, in its own folder, joins the same grid
+    ext = SweepConfig(
+        instances=["small"], losses=["stochastic"], algorithms=["alg2"], K=[3000], seeds=1, tag="-ext"
+    )
+    run_sweep(ext, out, echo=lambda _m: None)
+    merged = build_report(out, None, echo=lambda _m: None)["grids"]["small-stochastic"]
+    assert merged["folders"] == ["small-stochastic", "small-stochastic-ext"]
+    assert merged["algorithms"]["alg2"]["K"] == [100, 300, 1000, 3000]
+    assert merged["algorithms"]["alg2"]["seeds"] == [3, 3, 2, 1]
     tables = (out / "tables.md").read_text()
     assert "alg2 − control" in tables and "last decade" in tables
     assert (tmp_path / "plot.png").stat().st_size > 1000

@@ -152,6 +152,7 @@ def sweep(
     seeds: int = typer.Option(10, help="Learner seeds per cell."),
     seeds_at: str = typer.Option("", help="Fewer seeds at some K: K:seeds,... e.g. 1000000:3."),
     max_K: str = typer.Option("", "--max-K", help="A smaller grid for some instances: instance:K,..."),
+    tag: str = typer.Option("", help="Folder suffix, for a run that extends a grid (more K, fewer seeds)."),
     workers: int = typer.Option(1, help="Worker processes (one pool over every grid)."),
     backend: str = typer.Option(None, help="numpy | numba [default: numba when installed]."),
     ray_address: str = typer.Option(
@@ -180,6 +181,7 @@ def sweep(
         seeds=seeds,
         seeds_at=at,
         max_K=caps,
+        tag=tag,
         workers=workers,
         backend=backend,
         ray_address=ray_address,

@@ -41,6 +41,7 @@ class SweepConfig:
     workers: int = 1
     backend: str | None = None
     ray_address: str | None = None
+    tag: str = ""  # folder suffix: a run that extends a grid (more K, fewer seeds) sits beside it
 
     def regret_config(self, instance: str, losses: str) -> RegretConfig:
         return RegretConfig(
@@ -56,8 +57,8 @@ class SweepConfig:
         )
 
 
-def _folder(out: Path, instance: str, losses: str) -> Path:
-    return Path(out) / f"{instance}-{losses}"
+def _folder(out: Path, instance: str, losses: str, tag: str = "") -> Path:
+    return Path(out) / f"{instance}-{losses}{tag}"
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, echo: Callable[[str], None] = print) -> None:
@@ -71,7 +72,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, echo: Callable[[str], None] = p
             validate(rc)
             conf = asdict(rc)
             run = RunDir.open(
-                _folder(out, inst, ln), conf, resume_keys=[k for k in conf if k not in LOCAL_KEYS]
+                _folder(out, inst, ln, cfg.tag), conf, resume_keys=[k for k in conf if k not in LOCAL_KEYS]
             )
             runs[inst, ln] = (run, conf)
             for a in cfg.algorithms:
@@ -180,32 +181,39 @@ def build_report(
     results = Path(results)
     folders = sorted(p.parent for p in results.glob("*/config.yaml"))
     rng = np.random.default_rng(99)
-    summary: dict = {"grids": {}}
+    # one grid per (instance, losses); a second folder of the same pair (e.g. an extension to larger K
+    # with fewer seeds) adds its cells, and its folder name is listed under "folders"
+    grids: dict[str, dict] = {}
     for folder in folders:
         rc = RegretConfig(**yaml.safe_load((folder / "config.yaml").read_text()))
         run = RunDir(folder)
-        cells = {
-            a: {
-                K: run.load(cell_key(algorithm=a, K=K))
-                for K in rc.K
-                if run.is_done(cell_key(algorithm=a, K=K))
-            }
-            for a in rc.algorithms
-        }
+        g = grids.setdefault(
+            f"{rc.instance}-{rc.losses}",
+            {
+                "instance": rc.instance,
+                "losses": rc.losses,
+                "K_planned": [],
+                "seeds": rc.seeds,
+                "seeds_at": [],
+                "folders": [],
+                "cells": {},
+            },
+        )
+        g["folders"].append(folder.name)
+        g["K_planned"] = sorted(set(g["K_planned"]) | set(rc.K))
+        g["seeds_at"] += [[k, rc.seeds_for(k)] for k in rc.K if rc.seeds_for(k) != g["seeds"]]
+        for a in rc.algorithms:
+            for K in rc.K:
+                if run.is_done(cell_key(algorithm=a, K=K)):
+                    g["cells"].setdefault(a, {})[K] = run.load(cell_key(algorithm=a, K=K))
+    summary: dict = {"grids": {}}
+    for name, g in grids.items():
+        cells = g.pop("cells")
         algs = {}
         for a, c in cells.items():
-            if not c:
-                continue
             ctl = cells.get(a + CONTROL_SUFFIX) if not a.endswith(CONTROL_SUFFIX) else None
             algs[a] = summarise_cells(c, ctl or None, rng)
-        summary["grids"][folder.name] = {
-            "instance": rc.instance,
-            "losses": rc.losses,
-            "K_planned": rc.K,
-            "seeds": rc.seeds,
-            "seeds_at": rc.seeds_at,
-            "algorithms": algs,
-        }
+        summary["grids"][name] = {**g, "algorithms": algs}
     atomic_write_json(results / "summary.json", summary)
     text = format_tables(summary)
     atomic_write_text(results / "tables.md", text)
