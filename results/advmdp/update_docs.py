@@ -40,7 +40,7 @@ def sweep_tables(summary: dict, grids: list[str]) -> str:
 
 
 def _slope(d: dict | None) -> str:
-    if not d:
+    if not d or d["slope"] != d["slope"]:  # missing or nan (a mean regret <= 0)
         return "—"
     lo, hi = d["ci95"]
     return f"{d['slope']:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -67,7 +67,14 @@ def reading(summary: dict) -> str:
         ctl = ", ".join(f"{NAMES[a]} {_slope(algs.get(a + '_control', {}).get('last_decade'))}" for a in ld)
         diff = ", ".join(f"{NAMES[a]} {_slope(algs.get(a, {}).get('minus_control_last_decade'))}" for a in ld)
         goal = "—"
-        if ld["alg2"] and ld["luo21"]:
+        a2 = algs["alg2"]
+        last = [m for k, m in zip(a2["K"], a2["regret_mean"], strict=True) if K0 <= k <= K1]
+        if min(last) <= 0 or not ld["alg2"]["slope"] > 0:
+            goal = (
+                "not measurable: Alg 2's mean regret is ≤ 0 or falls with K here (it tracks the switch and "
+                "beats the best fixed policy), so a log-log slope is not a rate"
+            )
+        elif ld["luo21"]:
             met = ld["alg2"]["slope"] <= 0.58 and ld["alg2"]["ci95"][1] < ld["luo21"]["ci95"][0]
             goal = "met" if met else "not met"
         lines.append(
