@@ -293,20 +293,27 @@ def _md(cols, rows) -> str:
 
 
 def plot_sqrtK(summary: dict, path: Path) -> Path:
-    """R/sqrt(K) against K for every grid (flat = sqrt(K); rising like K^(1/6) = K^(2/3))."""
+    """R/sqrt(K) against K for every grid (flat = sqrt(K); rising like K^(1/6) = K^(2/3)); full information
+    is left out (its regret is in the tables) and non-positive means are not drawn."""
     from robustlab.report import pyplot, save_figure
 
     plt = pyplot()
     grids = summary["grids"]
     fig, axes = plt.subplots(1, max(len(grids), 1), figsize=(4.2 * max(len(grids), 1), 3.8), squeeze=False)
     for ax, (name, g) in zip(axes[0], grids.items(), strict=False):
+        colors: dict[str, str] = {}
         for a, s in g["algorithms"].items():
+            if a == "fullinfo":  # regret ~5, two decades below the rest: in the tables, not on this axis
+                continue
             K = np.array(s["K"], dtype=float)
             y = np.array(s["regret_over_sqrtK"])
+            y = np.where(y > 0, y, np.nan)  # a mean regret <= 0 (switching losses) has no log
             lo = np.array([c[0] for c in s["regret_ci95"]]) / np.sqrt(K)
             hi = np.array([c[1] for c in s["regret_ci95"]]) / np.sqrt(K)
-            style = "--" if a.endswith(CONTROL_SUFFIX) else "o-"
-            (line,) = ax.plot(K, y, style, ms=3, label=a)
+            base = a.removesuffix(CONTROL_SUFFIX)
+            style = "--" if a != base else "o-"
+            (line,) = ax.plot(K, y, style, ms=3, label=a, color=colors.get(base))
+            colors.setdefault(base, line.get_color())  # a control takes its algorithm's colour
             if not a.endswith(CONTROL_SUFFIX):
                 ax.fill_between(K, lo, hi, alpha=0.2, color=line.get_color())
         ax.set_xscale("log")
