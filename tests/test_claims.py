@@ -111,6 +111,39 @@ def test_advmdp_verdicts_follow_the_slopes_of_known_power_laws(tmp_path, monkeyp
     assert rows["Alg 2"].source.startswith("results/advmdp/sweep/standard-stochastic/cells")
 
 
+def test_advmdp_a_falling_regret_is_not_read_as_a_rate(tmp_path, monkeypatch):
+    """Under switching losses a tuned learner can track the switches, so its regret against the best fixed
+    policy falls at large K; a log-log fit then gives a slope near 0 that must not count as √K."""
+    from robustlab.advmdp.reproduce import claims
+
+    monkeypatch.setattr(cl, "results_dir", lambda system: tmp_path / system)
+    _regret_cells(
+        tmp_path / "advmdp" / "sweep" / "standard-stochastic",
+        "stochastic",
+        {"alg1": 0.9, "alg2": 0.5, "luo21": 2 / 3},
+    )
+    switching = tmp_path / "advmdp" / "sweep" / "standard-switching"
+    _regret_cells(switching, "switching", {"alg1": 0.9, "alg2": 0.5, "luo21": 2 / 3})
+    cell = switching / "cells" / "algorithm=alg2__K=100000.json"
+    data = json.loads(cell.read_text())
+    data["regret"] = [r / 10 for r in data["regret"]]  # falls below its value at K = 3e4
+    cell.write_text(json.dumps(data))
+    rows = {c.claim.split(" (")[0]: c for c in claims()}
+    assert rows["Alg 2"].verdict == cl.REPRODUCED  # from the stochastic grid alone
+    assert "switching: alg2's regret does not grow with K" in rows["Alg 2"].ours
+    assert "stochastic: slope 0.50" in rows["Alg 2"].ours
+    luo = rows["Regret grows more slowly than Luo et al. 2021's"]
+    assert luo.verdict == cl.REPRODUCED and "switching: alg2's regret does not grow" in luo.ours
+
+    for name in ("stochastic", "switching"):  # regret grows nowhere: no rate to judge
+        for f in (tmp_path / "advmdp" / "sweep" / f"standard-{name}" / "cells").glob("algorithm=alg2__*"):
+            d = json.loads(f.read_text())
+            d["regret"] = [1e6 / d["K"]] * len(d["regret"])
+            f.write_text(json.dumps(d))
+    rows = {c.claim.split(" (")[0]: c for c in claims()}
+    assert rows["Alg 2"].verdict == cl.NOT_TESTABLE
+
+
 def test_every_registered_claim_is_well_formed():
     claims, problems = cl.collect(rp.SYSTEMS)
     assert not problems, problems
