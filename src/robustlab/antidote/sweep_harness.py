@@ -112,10 +112,36 @@ def tiny_sweep_config(scale: str = "quick") -> tuple[SweepConfig, Any]:
     return cfg, demo
 
 
+def harness_evaluator(tokenizer: Any, task: str, data: Any, judges: dict, settings: Any) -> Any:
+    """A harness's ``evaluate(model)``: :func:`~robustlab.antidote.evaluate.evaluate_model` on the data's
+    evaluation slices (keeping 3 sample answers) plus the likelihood-read task accuracy, both at the
+    settings' batch size and maximum length."""
+    from robustlab.antidote.evaluate import evaluate_model
+
+    def evaluate(model: Any) -> dict:
+        m = evaluate_model(
+            model,
+            tokenizer,
+            task,
+            data.eval_harmful,
+            data.eval_task,
+            data.heldout_harmful,
+            judges,
+            settings,
+            keep_outputs=3,
+        )
+        m["fa_likelihood"] = label_likelihood_accuracy(
+            model, tokenizer, task, data.eval_task, settings.max_length, settings.batch_size
+        )
+        return m
+
+    return evaluate
+
+
 def tiny_harness(demo: Any, seed: int, cache: Path, data_dir: Any = None, log: Any = None) -> Harness:
     """The offline harness: the demo's data slices and pretrained tiny base (cached in ``cache``), full-SFT
     alignment with the demo's settings, LoRA fine-tuning with the demo's attack settings."""
-    from robustlab.antidote.evaluate import EvalSettings, evaluate_model
+    from robustlab.antidote.evaluate import EvalSettings
     from robustlab.antidote.judges import RefusalJudge
     from robustlab.antidote.tiny import demo_data, load_or_build_base, train_config
 
@@ -127,22 +153,7 @@ def tiny_harness(demo: Any, seed: int, cache: Path, data_dir: Any = None, log: A
     )
     judges = {"refusal": RefusalJudge()}
 
-    def evaluate(model: Any) -> dict:
-        m = evaluate_model(
-            model,
-            tokenizer,
-            demo.task,
-            data.eval_harmful,
-            data.eval_task,
-            data.heldout_harmful,
-            judges,
-            settings,
-            keep_outputs=3,
-        )
-        m["fa_likelihood"] = label_likelihood_accuracy(
-            model, tokenizer, demo.task, data.eval_task, demo.max_length
-        )
-        return m
+    evaluate = harness_evaluator(tokenizer, demo.task, data, judges, settings)
 
     return Harness(
         data=data,
@@ -158,7 +169,7 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
     """A real model from a :class:`robustlab.antidote.pipeline.PipelineConfig`: its base, data slices, stage
     settings and judges. ``align.skip: true`` treats the base as already aligned (then alignment-stage
     defences cannot run)."""
-    from robustlab.antidote.evaluate import EvalSettings, evaluate_model
+    from robustlab.antidote.evaluate import EvalSettings
     from robustlab.antidote.models import load_model
     from robustlab.antidote.pipeline import make_judges, pipeline_data
 
@@ -171,22 +182,7 @@ def pipeline_harness(cfg: Any, seed: int, cache: Path) -> Harness:
         ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
     )
 
-    def evaluate(model: Any) -> dict:
-        m = evaluate_model(
-            model,
-            tokenizer,
-            d.task,
-            data.eval_harmful,
-            data.eval_task,
-            data.heldout_harmful,
-            judges,
-            settings,
-            keep_outputs=3,
-        )
-        m["fa_likelihood"] = label_likelihood_accuracy(
-            model, tokenizer, d.task, data.eval_task, ev.max_length, ev.batch_size
-        )
-        return m
+    evaluate = harness_evaluator(tokenizer, d.task, data, judges, settings)
 
     return Harness(
         data=data,
