@@ -1,35 +1,69 @@
 #!/usr/bin/env bash
 # The regime grid (issue 16): ImageNet-pretrained EfficientNet-Lite0 at 64 px on RetinaMNIST, 5 clients,
-# beta in {0.5, 100, 1}, methods FedAvg, FedAvg unweighted, FedLD, FedAvg with FedLD's server step, PG
+# beta in {100, 1, 0.5}, methods FedAvg, FedAvg unweighted, FedLD, FedAvg with FedLD's server step, PG
 # aggregation only, margin only, seeds 0-2, with the lr and rounds frozen in results/fedld/regime.json
-# (choose_regime.py, from the FedAvg pilot's validation curves). Two lanes (one CPU each), one folder per
-# beta (the two lanes work on different betas); jobs ordered so that a partial grid has FedLD (whose cell
-# logs its update ratio and cosine against FedAvg every round), then FedAvg, first. Resumable: finished cells are skipped, a killed cell continues from its last round.
+# (choose_regime.py, from the FedAvg pilot's validation curves). One folder per beta.
+#
+# Job order (a partial grid is still informative): seed 0 of FedLD, FedAvg and FedAvg with FedLD's server step
+# at every beta; then seed 0 of the other three methods; then seeds 1 and 2 in the same order. Two lanes (one
+# CPU each); a lane takes the first pending job whose beta folder the other lane is not using (one process per
+# folder at a time). A job's --methods lists every method its folder has run so far plus the new one, so
+# config.yaml names them all; only unfinished cells run. Resumable: finished cells are skipped, a killed cell
+# continues from its last round.
 # Usage (repo root): results/fedld/regime_sweep.sh [DATA_DIR]
+#   LANES=2 (parallel jobs), FEDLD_SRC=DIR (the robustlab sources to run; default this checkout's src/)
 set -u
 cd "$(dirname "$0")/../.."
 data_dir=$(cd "${1:-../shared/data/medmnist}" && pwd)
+src=${FEDLD_SRC:-$PWD/src}
 lr=$(.venv/bin/python -c 'import json; print(json.load(open("results/fedld/regime.json"))["lr"])')
 rounds=$(.venv/bin/python -c 'import json; print(json.load(open("results/fedld/regime.json"))["rounds"])')
-export data_dir lr rounds
-jobs() {  # one job = one (beta, methods) step of a folder, grown seed by seed
+jobs() {  # "beta methods seeds", in priority order
+  local order=(fedld fedavg fedavg-slr fedavg-unweighted fedld-pg fedld-margin)
   for s in 1 2 3; do
-    # FedLD first (its cell alone logs the update ratio and cosine against FedAvg on the same deltas), then
-    # FedAvg; beta 0.5 and 100 side by side, then beta 1
-    echo "0.5 fedld $s"; echo "100 fedld $s"; echo "0.5 fedavg,fedld $s"; echo "100 fedavg,fedld $s"
-    echo "1 fedld $s"; echo "1 fedavg,fedld $s"
-    for b in 0.5 100 1; do echo "$b fedavg,fedld,fedavg-slr,fedavg-unweighted,fedld-pg,fedld-margin $s"; done
+    for m in 0 1 2 3 4 5; do
+      for b in 1 0.5 100; do
+        local ms
+        ms=$(IFS=,; echo "${order[*]:0:$((m + 1))}")
+        echo "$b $ms $s"
+      done
+    done
   done
 }
 job() {
   local b=$1 m=$2 s=$3 out=results/fedld/regime_retinamnist_lite0_64_beta$1
   mkdir -p "$out"
-  flock "$out.lock" env OMP_NUM_THREADS=1 PYTHONPATH="$PWD/src" .venv/bin/python -c \
+  OMP_NUM_THREADS=1 PYTHONPATH="$src" .venv/bin/python -c \
     'from robustlab.cli import main; main()' fedld run --dataset retinamnist --data-dir "$data_dir" \
     --clients 5 --beta "$b" --methods "$m" --rounds "$rounds" --seeds "$s" --seed 0 --lr "$lr" --num-cpus 1 \
     --model efficientnet-lite0 --pretrained --image-size 64 --out "$out" >> "$out.log" 2>&1
-  echo "$(date +%T) beta=$b methods=$m seeds=$s rc=$?"
+  echo "$(date -u +%T) beta=$b methods=$m seeds=$s rc=$?"
 }
 export -f job
-jobs | xargs -P 2 -L 1 bash -c 'job "$0" "$1" "$2"'
-echo "$(date +%T) regime grid finished"
+export data_dir src lr rounds
+jobs | LANES=${LANES:-2} .venv/bin/python -c '
+import os, subprocess, sys, threading
+jobs = [line.split() for line in sys.stdin if line.strip()]
+busy, lock = set(), threading.Condition()
+def lane():
+    while True:
+        with lock:
+            while True:
+                free = [j for j in jobs if j[0] not in busy]
+                if not jobs or free:
+                    break
+                lock.wait()
+            if not jobs:
+                return
+            j = free[0]
+            jobs.remove(j)
+            busy.add(j[0])
+        subprocess.run(["bash", "-c", "job \"$0\" \"$1\" \"$2\"", *j], check=False)
+        with lock:
+            busy.discard(j[0])
+            lock.notify_all()
+lanes = [threading.Thread(target=lane) for _ in range(int(os.environ["LANES"]))]
+for t in lanes: t.start()
+for t in lanes: t.join()
+'
+echo "$(date -u +%T) regime grid finished"
