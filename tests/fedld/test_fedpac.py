@@ -17,8 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from robustlab.fedld import client_app
 from robustlab.fedld.losses import fedpac_alignment_loss
-from robustlab.fedld.server_app import Checkpoint, run_training
-from robustlab.fedld.strategies import (
+from robustlab.fedld.protocol import (
     FEDPAC_COUNT,
     FEDPAC_GLOBAL_COUNT,
     FEDPAC_GLOBAL_PROTO,
@@ -26,12 +25,11 @@ from robustlab.fedld.strategies import (
     FEDPAC_HEAD,
     FEDPAC_PROTO,
     FEDPAC_V,
-    FedPAC,
     arrays_to_numpy,
-    evaluate_metrics_aggregate,
-    make_strategy,
     numpy_to_arrays,
 )
+from robustlab.fedld.server_app import Checkpoint, run_training
+from robustlab.fedld.strategies import FedPAC, evaluate_metrics_aggregate, make_strategy
 from robustlab.fedld.task import TaskSpec, load_task
 
 SPEC = TaskSpec(dataset="digits", num_partitions=3, beta=1.0, seed=0, min_partition_size=10)

@@ -26,13 +26,8 @@ from robustlab.fedld import (  # noqa: E402
     FedProx,
     Scaffold,
 )
-from robustlab.fedld.strategies import (  # noqa: E402
-    SCAFFOLD_C,
-    SCAFFOLD_DC,
-    arrays_to_numpy,
-    evaluate_metrics_aggregate,
-    numpy_to_arrays,
-)
+from robustlab.fedld.protocol import SCAFFOLD_C, SCAFFOLD_DC, arrays_to_numpy, numpy_to_arrays  # noqa: E402
+from robustlab.fedld.strategies import evaluate_metrics_aggregate  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -188,3 +188,42 @@ def test_server_update_is_the_methods_rule_bit_for_bit(method):
                 np.linalg.norm(num) / np.linalg.norm(den), rel=1e-6
             )
         g = got
+
+
+def test_a_custom_aggregator_plugs_into_the_delta_strategy():
+    """The documented extension point: ``DeltaStrategy(MyAggregator(), server_lr=...)`` applies
+    ``w + server_lr * A(deltas)``; the reply filter still drops a malformed reply first."""
+    from robustlab.fedld.strategies import Aggregator, DeltaStrategy
+
+    class Median(Aggregator):
+        description = "coordinate-wise median of the deltas"
+
+        def update(self, deltas, weights):
+            return {k: np.median([d[k] for d in deltas], axis=0) for k in deltas[0]}
+
+    rng = np.random.default_rng(3)
+    g = initial_global(rng)
+    strategy = DeltaStrategy(Median(), server_lr=0.5, min_available_nodes=4, node_wait=0.0)
+    msgs = list(strategy.configure_train(1, numpy_to_arrays(g), ConfigRecord(), Grid()))
+    models = [client_reply(rng, g, pid, "fedavg") for pid in range(4)]
+    models[1]["head.bias"] = np.full_like(models[1]["head.bias"], np.inf)
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": numpy_to_arrays(m),
+                    "metrics": MetricRecord({"num-examples": 5, "partition-id": pid}),
+                }
+            ),
+            reply_to=msg,
+        )
+        for pid, (msg, m) in enumerate(zip(msgs, models, strict=True))
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    got = arrays_to_numpy(arrays)
+    kept = [models[i] for i in (0, 2, 3)]
+    for k in ("body.weight", "head.bias"):
+        median = np.median([m[k] - g[k] for m in kept], axis=0)
+        np.testing.assert_allclose(got[k], g[k] + 0.5 * median, rtol=1e-6)
+    assert got["bn.num_batches_tracked"].dtype == np.int64
+    assert metrics["malformed"] == 1.0 and metrics["replies"] == 3.0

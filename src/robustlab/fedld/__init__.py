@@ -3,10 +3,12 @@
 Names are exported lazily (module ``__getattr__``), so ``import robustlab.fedld`` does not import flwr,
 torch or Ray; ``from robustlab.fedld import FedLD`` imports the strategies module on first use.
 
-Strategies (Flower Message API, usable in any ``ServerApp``): :class:`FedAvg`, :class:`FedProx`,
-:class:`FedAvgUnweighted`, :class:`FedAvgServerLR`, :class:`FedLD`, :class:`FedLDMarginOnly`,
-:class:`FedLDAggregationOnly`, :class:`FedGH`, :class:`FedBN`, :class:`Scaffold`, :class:`MOON`,
-:class:`FedPAC`.
+Strategies (Flower Message API, usable in any ``ServerApp``; one module per method under
+:mod:`robustlab.fedld.strategies`): :class:`FedAvg`, :class:`FedProx`, :class:`FedAvgUnweighted`,
+:class:`FedAvgServerLR`, :class:`FedLD`, :class:`FedLDMarginOnly`, :class:`FedLDAggregationOnly`,
+:class:`FedGH`, :class:`FedBN`, :class:`Scaffold`, :class:`MOON`, :class:`FedPAC`; all are
+:class:`DeltaStrategy` (``w <- w + server_lr * A(deltas)``) with an aggregator ``A``: :class:`FlowerMean`,
+:class:`DeltaMean`, :class:`PrincipalGradients`, :class:`GradientHarmony`.
 Apps: ``robustlab.fedld.client_app:app`` and ``robustlab.fedld.server_app:app`` (submodules).
 Experiments: :func:`run_experiment`, :class:`ExperimentConfig`.
 """
@@ -36,6 +38,12 @@ _EXPORTS: dict[str, str] = {
     "SCAFFOLD": "robustlab.fedld.strategies:Scaffold",
     "MOON": "robustlab.fedld.strategies",
     "FedPAC": "robustlab.fedld.strategies",
+    "DeltaStrategy": "robustlab.fedld.strategies",
+    "Aggregator": "robustlab.fedld.strategies",
+    "FlowerMean": "robustlab.fedld.strategies",
+    "DeltaMean": "robustlab.fedld.strategies",
+    "PrincipalGradients": "robustlab.fedld.strategies",
+    "GradientHarmony": "robustlab.fedld.strategies",
     "STRATEGIES": "robustlab.fedld.strategies",
     "make_strategy": "robustlab.fedld.strategies",
     # aggregation and losses (core library)
