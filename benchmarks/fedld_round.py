@@ -4,10 +4,11 @@ One ``run_simulation`` (Ray, 5 SuperNodes) trains alternating blocks FedAvg, Fed
 (``--rounds`` rounds each, the first round of a block dropped as warm-up) on RetinaMNIST from the shared
 data folder (else scikit-learn digits). Per round it records the training phase (configure, client
 training, aggregation), the server-side aggregation alone, and the whole round (with client and server
-evaluation). Writes ``<out>/fedld_round.json`` with medians and the FedLD / FedAvg ratios.
+evaluation) and the 1-minute load average when it ended (other work on a shared machine). Writes
+``<out>/<name>.json`` (default name ``fedld_round``) with medians, the FedLD / FedAvg ratios and the load.
 
     python benchmarks/fedld_round.py --out runs/bench [--rounds 6] [--blocks 2]
-        [--model efficientnet-lite0 --pretrained --image-size 64]
+        [--model efficientnet-lite0 --pretrained --image-size 64] [--name fedld_round_lite0_64]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--model", default="cnn", help="cnn, efficientnet-lite0, resnet18 or resnet50")
     ap.add_argument("--pretrained", action="store_true", help="ImageNet weights for the backbone")
     ap.add_argument("--image-size", type=int, default=0, help="image side the model sees (0 = the data's)")
+    ap.add_argument("--name", default="fedld_round", help="file name (without .json) under --out")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on loopback; before it is imported
@@ -70,12 +72,14 @@ def main() -> None:
                         num_rounds=args.rounds,
                         train_config={**spec.to_config(), "cell": f"{name}-{block}"},
                         init_seed=block,
+                        on_round=lambda rec: rec.update(load_average=os.getloadavg()[0]),
                     )
                     rows[name] += hist[2:]  # drop round 0 (no training) and round 1 (warm-up)
         except BaseException as exc:
             errors.append(exc)
 
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     run_simulation(
         server_app=app,
         client_app=client_app,
@@ -110,6 +114,21 @@ def main() -> None:
             "aggregation": med("fedld", "aggregate_seconds") / med("fedavg", "aggregate_seconds"),
             "whole_round": med("fedld", "seconds") / med("fedavg", "seconds"),
         },
+        "per_round": {
+            name: [
+                {k: r[k] for k in ("round", "seconds", "train_seconds", "aggregate_seconds", "load_average")}
+                for r in rows[name]
+            ]
+            for name in rows
+        },
+        "load_average_1min": {
+            "start": load_start,
+            "end": os.getloadavg()[0],
+            "median_over_measured_rounds": float(
+                statistics.median(r["load_average"] for name in rows for r in rows[name])
+            ),
+        },
+        "cpu_count": os.cpu_count(),
         "goal": "whole_round ratio <= 1.10",
         "wall_seconds": time.perf_counter() - t0,
         "python": platform.python_version(),
@@ -118,7 +137,7 @@ def main() -> None:
     result["goal_met"] = result["ratio_fedld_over_fedavg"]["whole_round"] <= 1.10
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fedld_round.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["median_seconds"], indent=2))
     print(json.dumps(result["ratio_fedld_over_fedavg"], indent=2), "goal met:", result["goal_met"])
 

@@ -68,8 +68,8 @@ def round_costs(run: RunDir, rounds: int) -> str | None:
     )
 
 
-def folder_block(folder: Path) -> tuple[str, str, int]:
-    """(group, markdown, finished cells) for one run folder."""
+def folder_block(folder: Path) -> tuple[str, str, int, float, dict]:
+    """(group, markdown, finished cells, beta, summary) for one run folder."""
     run, cfg, summary = load(folder)
     cols, rows = summary_table(summary)
     model = "" if cfg.model == "cnn" else (
@@ -105,7 +105,87 @@ def folder_block(folder: Path) -> tuple[str, str, int]:
     if costs:
         lines.append(costs)
     cells = sum(len(m["seeds"]) for m in methods.values())
-    return folder.name.rsplit("_beta", 1)[0], "\n".join(lines).rstrip() + "\n", cells
+    return folder.name.rsplit("_beta", 1)[0], "\n".join(lines).rstrip() + "\n", cells, cfg.beta, summary
+
+
+#: the comparison of the two regimes: (group, heading) pairs, and the methods compared
+REGIMES = (
+    ("retinamnist", "CNN", "CNN from scratch, 28 px, 100 rounds"),
+    ("regime_retinamnist_lite0_64", "Lite0", "pretrained EfficientNet-Lite0, 64 px, 8 rounds"),
+)
+CORE = ("fedavg", "fedavg-unweighted", "fedld", "fedavg-slr", "fedld-pg", "fedld-margin")
+
+
+def _pm(stat: dict | None, digits: int = 3) -> str:
+    from robustlab.report import mean_pm
+
+    return "—" if not stat else mean_pm(stat.get("mean"), stat.get("std"), stat.get("n"), digits)
+
+
+def regime_block(summaries: dict[str, dict[float, dict]]) -> str | None:
+    """RetinaMNIST, the CNN sweep's committed cells beside the pretrained-backbone grid's: per beta and core
+    method, finished seeds, val-chosen and final test accuracy, FedLD's update ratio and cosine against
+    FedAvg; then, per beta and regime, the gaps that the shorter-server-step account is about (each from the
+    seeds both methods finished, seed by seed). ``None`` before the grid has a cell."""
+    if not summaries.get(REGIMES[1][0]):
+        return None
+    cols = ["β", "method"]
+    for _, short, _ in REGIMES:
+        cols += [
+            f"{short} {c}"
+            for c in ("seeds", "test acc (val-chosen)", "final test acc", "update ratio / cosine")
+        ]
+    rows = []
+    betas = sorted({b for g, _, _ in REGIMES for b in summaries.get(g, {})}, reverse=True)
+    for beta in betas:
+        for method in CORE:
+            row: list = [f"{beta:g}", None]
+            seen = False
+            for group, _, _ in REGIMES:
+                m = summaries.get(group, {}).get(beta, {}).get("methods", {}).get(method)
+                if m is None:
+                    row += ["0", "—", "—", "—"]
+                    continue
+                seen, row[1] = True, m["label"]
+                diag = (
+                    f"{_pm(m['update_ratio_median'], 2)} / {_pm(m['update_cosine_median'], 2)}"
+                    if m["update_ratio_median"].get("mean") is not None
+                    else ""
+                )
+                row += [str(len(m["seeds"])), _pm(m["best"]["accuracy"]), _pm(m["final"]["accuracy"]), diag]
+            if seen:
+                rows.append(row)
+    lines = [markdown_table(cols, rows), ""]
+    for beta in betas:
+        for group, _, head in REGIMES:
+            methods = summaries.get(group, {}).get(beta, {}).get("methods", {})
+            parts = []
+            for other, name in (("fedavg", "FedAvg"), ("fedavg-slr", "FedAvg with FedLD's server step")):
+                gap = paired_gap(methods, "fedld", other)
+                if gap:
+                    parts.append(f"FedLD − {name} {gap}")
+            if parts:
+                lines.append(f"- β {beta:g}, {head}: " + "; ".join(parts))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def paired_gap(methods: dict, a: str, b: str) -> str | None:
+    """``a`` minus ``b`` in test accuracy (val-chosen, final) over the seeds both finished, as text."""
+    if a not in methods or b not in methods:
+        return None
+    pa = {p["seed"]: p for p in methods[a]["per_seed"]}
+    pb = {p["seed"]: p for p in methods[b]["per_seed"]}
+    seeds = sorted(set(pa) & set(pb))
+    if not seeds:
+        return None
+    import statistics
+
+    def stat(which: str) -> str:
+        d = [pa[s][which]["accuracy"] - pb[s][which]["accuracy"] for s in seeds]
+        sd = f" ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
+        return f"{statistics.fmean(d):+.3f}{sd}"
+
+    return f"{stat('best')} val-chosen, {stat('final')} final ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
 
 
 def splice(text: str, dataset: str, block: str) -> str:
@@ -152,6 +232,59 @@ def pilot_block() -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def cells_block(folders: list[Path]) -> str:
+    """Which finished cells each run folder holds (method: seeds), and the total."""
+    import json
+
+    lines, total = [], 0
+    for folder in folders:
+        seeds: dict[str, list[int]] = {}
+        for f in sorted((folder / "cells").glob("*.json")):
+            cell = json.loads(f.read_text())
+            seeds.setdefault(cell["method"], []).append(int(cell["seed"]))
+        n = sum(len(v) for v in seeds.values())
+        total += n
+        if n:
+            what = "; ".join(
+                f"{m} {','.join(map(str, sorted(v)))}"
+                for m, v in sorted(seeds.items(), key=lambda kv: CORE.index(kv[0]) if kv[0] in CORE else 99)
+            )
+        else:
+            what = "none"
+        lines.append(f"- `{folder.name}` ({n}): {what}")
+    return f"{total} finished cells in {len(folders)} folders (method: seeds)\n\n" + "\n".join(lines) + "\n"
+
+
+def bench_block() -> str | None:
+    """The round benchmark with the pretrained backbone (``bench/fedld_round_lite0_64.json``, written by
+    ``benchmarks/fedld_round.py``), or ``None`` before it ran."""
+    import json
+
+    path = HERE / "bench" / "fedld_round_lite0_64.json"
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    med, ratio, load = r["median_seconds"], r["ratio_fedld_over_fedavg"], r["load_average_1min"]
+    rows = [
+        [part, f"{med['fedavg'][key]:.2f}", f"{med['fedld'][key]:.2f}", f"{ratio[key]:.2f}"]
+        for part, key in (
+            ("whole round", "whole_round"),
+            ("training phase", "train_phase"),
+            ("aggregation", "aggregation"),
+        )
+    ]
+    return (
+        markdown_table(["median seconds per round", "FedAvg", "FedLD", "FedLD / FedAvg"], rows)
+        + f"\n\n- {r['model_parameters'] / 1e6:.2f}M parameters, {r['clients']} clients, "
+        f"{r['rounds_measured_per_method']} measured rounds per method (blocks alternating FedAvg, FedLD; the "
+        f"first round of each block dropped), {r['wall_seconds'] / 60:.0f} min wall; goal whole-round ratio "
+        f"<= 1.10: {'met' if r['goal_met'] else 'missed'}\n"
+        f"- 1-minute load average on the {r['cpu_count']} shared cores: {load['start']:.1f} at the start, "
+        f"{load['median_over_measured_rounds']:.1f} median over the measured rounds, {load['end']:.1f} at the end "
+        "(other engineers' jobs; both methods ran under it, interleaved)\n"
+    )
+
+
 def mark_missing(text: str, group: str) -> str:
     """Put :data:`MISSING` first in ``group``'s block (once)."""
     start, end = f"<!-- fedld-results:{group}:start -->", f"<!-- fedld-results:{group}:end -->"
@@ -172,14 +305,23 @@ def main() -> None:
         key=lambda f: (f.name.rsplit("_beta", 1)[0], -float(f.name.rsplit("_beta", 1)[1])),
     )
     blocks: dict[str, list[str]] = {}
+    summaries: dict[str, dict[float, dict]] = {}
     for folder in folders:
-        dataset, block, cells = folder_block(folder)
+        dataset, block, cells, beta, summary = folder_block(folder)
         print(f"{folder.name}: {cells} finished cells")
         if cells:
             blocks.setdefault(dataset, []).append(block)
+            summaries.setdefault(dataset, {})[beta] = summary
     pilot = pilot_block()
     if pilot is not None:
         blocks["regime-pilot"] = [pilot]
+    blocks["committed-cells"] = [cells_block(folders)]
+    regimes = regime_block(summaries)
+    if regimes is not None:
+        blocks["regime-vs-cnn"] = [regimes]
+    bench = bench_block()
+    if bench is not None:
+        blocks["round-benchmark-lite0"] = [bench]
     for path in TARGETS:
         text = path.read_text(encoding="utf-8")
         for group, parts in blocks.items():
