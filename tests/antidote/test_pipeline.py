@@ -195,3 +195,48 @@ def test_pipeline_runs_and_resumes_without_recomputing(tmp_path, base_dir, share
     other = P.load_config(write_cfg(tmp_path, small_config(base_dir, shared_data, seed=2)))
     with pytest.raises(UserError, match="different configuration"):
         P.run_pipeline(other, out, echo=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_pipeline_protocol_options(tmp_path, base_dir, shared_data):
+    """The protocol's options: a pilot stops after the attacked model; controls only at their ratios; grid
+    points see the first prompts and rows only; every answer is kept; the alignment adapter is saved."""
+    extra = {
+        "align": {"train": {"mode": "lora", "lora_r": 4, "lora_alpha": 8}},
+        "data": {"n_eval_harmful": 6, "n_eval_task": 6},
+        "realign": {"controls": ["random"], "control_ratios": [0.25]},
+        "evaluate": {
+            "keep_answers": True,
+            "n_eval_harmful_grid": 2,
+            "n_eval_task_grid": 3,
+            "primary_ratios": [0.1],
+        },
+    }
+    pilot = P.load_config(
+        write_cfg(
+            tmp_path,
+            small_config(base_dir, shared_data, **P.merge_config(extra, {"realign": {"skip": True}})),
+        )
+    )
+    s = P.run_pipeline(pilot, tmp_path / "pilot", echo=lambda *_: None)
+    assert [r["stage"] for r in s["rows"]] == ["aligned", "finetuned"]
+    assert (tmp_path / "pilot" / "stages" / "aligned-adapter" / "adapter_model.safetensors").is_file()
+    cfg = P.load_config(write_cfg(tmp_path, small_config(base_dir, shared_data, **extra)))
+    rows = {
+        (r["stage"], r["ratio"]): r
+        for r in P.run_pipeline(cfg, tmp_path / "run", echo=lambda *_: None)["rows"]
+    }
+    assert set(rows) == {
+        ("aligned", 0.0),
+        ("finetuned", 0.0),
+        ("antidote", 0.1),
+        ("antidote", 0.25),
+        ("random", 0.25),
+    }
+    sizes = {k: (r["n_eval_harmful"], r["n_eval_task"]) for k, r in rows.items()}
+    assert sizes == {("aligned", 0.0): (6, 6), ("finetuned", 0.0): (6, 6), ("antidote", 0.1): (6, 6),
+                     ("antidote", 0.25): (2, 3), ("random", 0.25): (2, 3)}  # fmt: skip
+    cell = json.loads((tmp_path / "run" / "cells" / "stage=eval__point=antidote__ratio=0.1.json").read_text())
+    assert len(cell["answers_harmful"]) == 6 and len(cell["answers_task"]) == 6
+    assert all(len(a) == 2 for a in cell["answers_harmful"])
+    assert not any(k.startswith("answers") for r in rows.values() for k in r)  # the summary stays small

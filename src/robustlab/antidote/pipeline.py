@@ -53,9 +53,14 @@ class RealignConfig:
     mask_ratios: list[float] = field(default_factory=lambda: [0.1])  # the SST-2 default α
     targets: Any = "auto"
     controls: list[str] = field(default_factory=list)
+    #: the ratios the controls are evaluated at (``None``: every ratio of ``mask_ratios``)
+    control_ratios: list[float] | None = None
     batch_size: int = 8
     max_length: int = 2048
     save_models: bool = True
+    #: stop after the fine-tuned model's evaluation (a pilot that chooses settings from the aligned and
+    #: attacked models alone)
+    skip: bool = False
 
 
 @dataclass
@@ -68,6 +73,15 @@ class EvalConfig:
     max_length: int = 1024
     #: the beaver-dam judge: a local folder or hub id (``--judge-model``); default PKU-Alignment/beaver-dam-7b
     judge_model: str | None = None
+    #: every answer to the harmful prompts and the task rows is stored in the point's cell (``answers_*``),
+    #: so harmful scores can be recomputed later with another judge; false keeps 5 samples
+    keep_answers: bool = False
+    #: evaluate the controls and the Antidote ratios other than ``primary_ratios`` on the first this many
+    #: harmful prompts and task rows only (``None``: all of them); the aligned, fine-tuned and
+    #: primary-ratio points always see every prompt and row
+    n_eval_harmful_grid: int | None = None
+    n_eval_task_grid: int | None = None
+    primary_ratios: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -179,6 +193,8 @@ def validate(cfg: PipelineConfig) -> None:
     if not cfg.realign.mask_ratios:
         raise UserError("realign.mask_ratios is empty", "give at least one ratio, e.g. [0.1]")
     cfg.realign.mask_ratios = [validate_mask_ratio(r) for r in cfg.realign.mask_ratios]
+    if cfg.realign.control_ratios is not None:
+        cfg.realign.control_ratios = [validate_mask_ratio(r) for r in cfg.realign.control_ratios]
     if cfg.realign.method not in REALIGN_METHODS:
         raise UserError(f"unknown realign method {cfg.realign.method!r}", f"use {', '.join(REALIGN_METHODS)}")
     bad = [c for c in cfg.realign.controls if c not in CONTROLS]
@@ -318,18 +334,27 @@ def run_pipeline(
         ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
     )
 
-    def evaluate(model: Any, tokenizer: Any) -> dict:
+    def evaluate(model: Any, tokenizer: Any, grid: bool = False) -> dict:
         t = time.perf_counter()
+        prompts, rows = data.eval_harmful, data.eval_task
+        if grid:
+            prompts = prompts[: ev.n_eval_harmful_grid] if ev.n_eval_harmful_grid is not None else prompts
+            rows = rows[: ev.n_eval_task_grid] if ev.n_eval_task_grid is not None else rows
         m = evaluate_model(
             model,
             tokenizer,
             cfg.data.task,
-            data.eval_harmful,
-            data.eval_task,
+            prompts,
+            rows,
             data.heldout_harmful,
             judges,
             settings,
+            keep_outputs=max(len(prompts), len(rows)) if ev.keep_answers else 5,
         )
+        if ev.keep_answers:
+            m["answers_harmful"] = m.pop("samples_harmful", [])
+            m["answers_task"] = m.pop("samples_task", [])
+        m["n_eval_harmful"], m["n_eval_task"] = len(prompts), len(rows)
         m["eval_seconds"] = round(time.perf_counter() - t, 2)
         return m
 
@@ -340,7 +365,7 @@ def run_pipeline(
         row = {**meta, **compute()}
         row.setdefault("seconds", round(time.perf_counter() - t, 2))
         run.save(key, row)
-        run.log(**{k: v for k, v in row.items() if not str(k).startswith("samples")})
+        run.log(**{k: v for k, v in row.items() if not str(k).startswith(("samples", "answers"))})
         return row
 
     # 1. alignment -------------------------------------------------------------------------------------
@@ -355,6 +380,8 @@ def run_pipeline(
             tcfg = dataclasses.replace(cfg.align.train, seed=cfg.seed)
             model, res = run_stage(cfg.align.method, model, tokenizer, data.alignment, tcfg, data, params)
             if tcfg.mode == "lora":
+                # the alignment adapter itself (a few MB) is kept beside the merged model, to be shared
+                save_checkpoint(model, tokenizer, stages / "aligned-adapter")
                 model = model.merge_and_unload()  # the official code merges the alignment adapter first
             save_checkpoint(model, tokenizer, aligned_dir)
             run.save(
@@ -404,11 +431,17 @@ def run_pipeline(
     # 3. re-alignment: one score computation per method, every ratio from it ----------------------------
     rc = cfg.realign
     resolve_targets(ft_model, rc.targets)  # an unknown target fails here, before any scoring
-    methods = [("antidote", rc.method), *[(c, c) for c in rc.controls]]
+    methods = [] if rc.skip else [("antidote", rc.method), *[(c, c) for c in rc.controls]]
+
+    def ratios_of(label: str) -> list[float]:
+        if label == "antidote" or rc.control_ratios is None:
+            return list(rc.mask_ratios)
+        return list(rc.control_ratios)
+
     todo = [
         (label, r)
         for label, _ in methods
-        for r in rc.mask_ratios
+        for r in ratios_of(label)
         if not run.is_done(cell_key(stage="eval", point=label, ratio=r))
     ]
     for label, method in methods:
@@ -444,11 +477,15 @@ def run_pipeline(
                     "zeroed": sum(pruned.counts.values()),
                     "score_seconds": score_seconds,
                 },
-                lambda: evaluate(ft_model, tokenizer),
+                lambda: evaluate(
+                    ft_model, tokenizer, grid=not (label == "antidote" and r in ev.primary_ratios)
+                ),
             )
             pruned.restore(ft_model)
     rows += [
-        run.load(cell_key(stage="eval", point=label, ratio=r)) for label, _ in methods for r in rc.mask_ratios
+        run.load(cell_key(stage="eval", point=label, ratio=r))
+        for label, _ in methods
+        for r in ratios_of(label)
     ]
 
     # 4. table and plot --------------------------------------------------------------------------------
@@ -458,7 +495,7 @@ def run_pipeline(
     (run.path / "results.md").write_text(table + "\n", encoding="utf-8")
     plot = tradeoff_plot(rows, cfg.evaluate.judges[0], run.path / "tradeoff.png")
     summary = {
-        "rows": [{k: v for k, v in r.items() if not str(k).startswith("samples")} for r in rows],
+        "rows": [{k: v for k, v in r.items() if not str(k).startswith(("samples", "answers"))} for r in rows],
         "table": table,
         "plot": str(plot),
     }

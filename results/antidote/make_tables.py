@@ -1,0 +1,136 @@
+"""Rebuild the protocol's tables, plots and claims (issue 15) from the committed cells in results/antidote.
+
+Usage (repo root): PYTHONPATH=src .venv/bin/python results/antidote/make_tables.py
+
+Writes ``results/antidote/<model>/tables.md`` and the block between ``<!-- antidote-protocol:start -->`` and
+``<!-- antidote-protocol:end -->`` in README.md and docs/antidote.md (the main table with 95% intervals over
+seeds, the learning-rate table, the baselines, the judges' held-out agreement and the figures
+docs/antidote_protocol_*.png). The claims table itself is written by ``python -m robustlab.claims --readme
+README.md`` (robustlab.antidote.reproduce.claims reads the same cells). Reading is safe while cells run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from robustlab.antidote import protocol_report as R
+from robustlab.report import markdown_table
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+START, END = "<!-- antidote-protocol:start -->", "<!-- antidote-protocol:end -->"
+TARGETS = (ROOT / "docs" / "antidote.md", ROOT / "README.md")
+
+
+def judges_text() -> str:
+    """The held-out agreement of every judge used, from the committed judge reports."""
+    lines = []
+    for name, file in (
+        ("embedding", "embedding_judge_report.json"),
+        ("minilm-ft", "minilm_ft_judge_report.json"),
+    ):
+        path = HERE / "protocol" / file
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text(encoding="utf-8"))
+        lines.append(
+            f"`{name}` judge: held-out agreement with BeaverTails `is_safe` {r['agreement']:.3f}, balanced "
+            f"accuracy {r['balanced_accuracy']:.3f}, AUC {r['auc']:.3f} ({r.get('n_heldout', '?')} held-out "
+            "pairs, split by prompt)"
+        )
+    return "; ".join(lines) if lines else "judge reports not committed"
+
+
+def model_block(cells: list, model: str, rel: str) -> list[str]:
+    mains = R.main_cells(cells, model)
+    if not mains:
+        return []
+    judge = R.judge_of(mains)
+    lr, ep = mains[0].lr, mains[0].epochs
+    lines = [
+        f"#### {model}: the main table (SFT attack at lr {lr:g}, {ep:g} epochs; mean ± 95% CI over seeds)",
+        "",
+    ]
+    cols, rows = R.main_table(mains, judge)
+    lines += [markdown_table(cols, rows), ""]
+    wall = [c.timing.get("wall_seconds_this_call") for c in mains]
+    lines.append(
+        "Cell wall times (align + attack + every evaluation, 1 torch thread, shared cores): "
+        + ", ".join(f"seed {c.seed} {w / 60:.0f} min" for c, w in zip(mains, wall, strict=True) if w)
+        + "."
+    )
+    lines.append("")
+    fig = R.tradeoff_figure(mains, judge, ROOT / "docs" / f"antidote_protocol_tradeoff_{model}.png")
+    lines += [f"![harmful score vs finetune accuracy]({rel}{fig.name})", ""]
+    sft = [c for c in cells if c.model == model and c.method == "sft"]
+    if len({c.lr for c in sft}) > 1:
+        cols, rows = R.sweep_table(sft, model, "sft", judge, R.PRIMARY_RATIO, "lr")
+        lines += [
+            f"#### {model}: learning rates ({min(c.epochs for c in sft):g} epochs)",
+            "",
+            markdown_table(cols, rows),
+            "",
+        ]
+        fig = R.lr_figure(
+            cells, model, judge, R.PRIMARY_RATIO, ROOT / "docs" / f"antidote_protocol_lr_{model}.png"
+        )
+        if fig is not None:
+            lines += [f"![harmful score vs learning rate]({rel}{fig.name})", ""]
+    if len({c.epochs for c in sft if c.lr == lr}) > 1:
+        cols, rows = R.sweep_table(
+            [c for c in sft if c.lr == lr], model, "sft", judge, R.PRIMARY_RATIO, "epochs"
+        )
+        lines += [f"#### {model}: epochs (lr {lr:g})", "", markdown_table(cols, rows), ""]
+    others = sorted({c.method for c in cells if c.model == model and c.method != "sft"})
+    if others:
+        body = []
+        for m in others:
+            cs = R.group(cells, model, m, lr, ep)
+            for k in sorted({k for c in cs for k in c.points if k[0] != "aligned"}, key=R._point_order):
+                pts = [c.points[k] for c in cs if k in c.points]
+                body.append([m, R.point_label(*k), len(pts), R.fmt_stat(R._stat([p.get(f"hs_{judge}") for p in pts])),
+                             R.fmt_stat(R._stat([p.get("fa") for p in pts]))])  # fmt: skip
+        lines += [f"#### {model}: baselines (same harness and data)", "",
+                  markdown_table(["method", "point", "seeds", f"HS % ({judge})", "FA %"], body), ""]  # fmt: skip
+    return lines
+
+
+def build() -> str:
+    cells = R.load_cells(HERE)
+    models = sorted({c.model for c in cells})
+    lines = [
+        "<!-- written by `results/antidote/make_tables.py` from the committed cells; do not edit by hand -->",
+        "",
+        f"Judges: {judges_text()}. The refusal matcher is the second measure.",
+        "",
+    ]
+    for model in models:
+        lines += model_block(cells, model, "{rel}")
+    if not models:
+        lines.append("_No finished cell committed yet._")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = build()
+    for target in TARGETS:
+        rel = "" if target.parent.name == "docs" else "docs/"
+        body = text.replace("{rel}", rel)
+        src = target.read_text(encoding="utf-8")
+        if START not in src:
+            raise SystemExit(f"{target} has no {START} ... {END} block")
+        new = re.sub(
+            re.escape(START) + r".*?" + re.escape(END), lambda _m: f"{START}\n{body}\n{END}", src, flags=re.S
+        )
+        target.write_text(new, encoding="utf-8")
+        print(f"{target.relative_to(ROOT)}: updated")
+    for model in sorted({c.model for c in R.load_cells(HERE)}):
+        (HERE / model / "tables.md").write_text(
+            text.replace("{rel}", "../../../docs/") + "\n", encoding="utf-8"
+        )
+
+
+if __name__ == "__main__":
+    main()

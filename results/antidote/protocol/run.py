@@ -1,0 +1,107 @@
+"""Run the protocol's cells one after another, resumable: every finished cell is exported to
+``results/antidote/<model>/<cell>/`` and skipped on a rerun (issue 15).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
+
+PLAN: ``pilot`` (the candidate settings of ``pilot.yaml`` on the pilot seed, no re-alignment), ``main`` (SFT +
+Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
+and the longer run, seed 0), ``baselines`` (every baseline at the frozen settings, seed 0), or a
+comma-separated list of ``method:seed[:lr[:epochs]]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+
+
+def frozen_settings(name: str) -> dict:
+    return yaml.safe_load((HERE / name).read_text(encoding="utf-8"))
+
+
+def plan_cells(plan: str, frozen: dict) -> list[tuple[str, int, float | None, float | None]]:
+    p = frozen.get("plan", {})
+    seeds = p.get("seeds", [0, 1, 2])
+    if plan == "main":
+        return [("sft", s, None, None) for s in seeds]
+    if plan == "lr":
+        ep = frozen["finetune"]["train"]["epochs"]
+        cells = [("sft", 0, lr, None) for lr in p.get("lrs", [])]
+        return cells + [("sft", 0, None, e) for e in p.get("epochs", []) if e != ep]
+    if plan == "baselines":
+        return [(m, 0, None, None) for m in p.get("baselines", [])]
+    out = []
+    for item in plan.split(","):
+        parts = item.split(":")
+        out.append(
+            (
+                parts[0],
+                int(parts[1]),
+                float(parts[2]) if len(parts) > 2 and parts[2] else None,
+                float(parts[3]) if len(parts) > 3 and parts[3] else None,
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from robustlab.antidote.cli_common import quiet_transformers
+    from robustlab.antidote.protocol import run_cell
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("plan")
+    ap.add_argument("--settings", default=None, help="settings file beside this script (default by plan)")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "protocol")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    quiet_transformers()
+    settings = args.settings or ("pilot.yaml" if args.plan == "pilot" else "frozen.yaml")
+    frozen = frozen_settings(settings)
+    model = frozen.pop("model")
+    adapters_seed = frozen.pop("adapters_seed", None)
+    plan = frozen.pop("plan", {})
+    if args.plan == "pilot":
+        cells = [("sft", int(frozen.get("seed", 0)), None, None)]
+        results = HERE / "pilot" / model
+    else:
+        cells = plan_cells(args.plan, {**frozen, "plan": plan})
+        results = ROOT / "results" / "antidote" / model
+    results.mkdir(parents=True, exist_ok=True)
+    runs = args.runs / model
+    judge = args.runs / "embedding_judge.json"
+    if not judge.is_file():
+        from robustlab.antidote.embedding_judge import train_embedding_judge
+        from robustlab.runs import atomic_write_json
+
+        found, report = train_embedding_judge(None, seed=0)
+        found.save(judge)
+        atomic_write_json(judge.with_name("embedding_judge_report.json"), report)
+    for method, seed, lr, epochs in cells:
+        run_cell(
+            frozen,
+            method,
+            seed,
+            runs,
+            results,
+            lr=lr,
+            epochs=epochs,
+            adapters=adapters_seed is not None
+            and seed == adapters_seed
+            and method == "sft"
+            and lr is None
+            and epochs is None,
+            echo=lambda msg: print(msg, flush=True),
+            embedding_judge=judge,
+            prefix="pilot-" if args.plan == "pilot" else "",
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The paper's protocol on a real model (issue 15): align -> harmful fine-tune -> Antidote and its controls ->
+evaluate, one committed *cell* per (model, method, learning rate, epochs, seed).
+
+A cell is a :func:`robustlab.antidote.baselines_pipeline.run_method_pipeline` run (itself
+:func:`robustlab.antidote.pipeline.run_pipeline`: the stages are resumable in the run folder under
+``runs/``), exported to ``results/antidote/<model>/<cell>/`` when it finishes::
+
+    config.yaml env.json method.json         the run's settings, versions and method
+    cells/stage=eval__point=<p>[__ratio=<α>].json   every measure of every evaluated point, with every
+                                             generated answer to the harmful prompts (``answers_harmful``:
+                                             [prompt, answer]) and every task output (``answers_task``)
+    cells/stage=align.json cells/stage=finetune.json   steps, last loss, wall seconds of the trainings
+    metrics.jsonl results.md timing.json     the per-stage log, the run's own table, the cell's wall time
+    adapters/{aligned,finetuned}/            (only where asked) the two LoRA adapters, safetensors
+
+Cells share finished stages: a cell whose alignment (and fine-tuning) settings equal those of another run of
+the same seed starts from that run's aligned (and fine-tuned) model and evaluation, copied into the run
+folder before the pipeline opens it, so the pipeline's own resume skips them (:func:`share_stages`). The
+pilot's runs (``realign.skip``) are reused this way by the frozen cells.
+
+Scores can be recomputed from the stored answers with another judge (:func:`rescore_cell`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from robustlab.errors import UserError
+
+ALIGN_KEYS = ("stage=align", "stage=eval__point=aligned")
+
+
+def cell_name(method: str, lr: float, epochs: float, seed: int) -> str:
+    """``<method>_lr<lr>_ep<epochs>_seed<seed>`` (``+`` in a combination becomes ``-``)."""
+    return f"{method.replace('+', '-')}_lr{lr:g}_ep{epochs:g}_seed{seed}"
+
+
+def cell_overrides(frozen: dict, method: str, lr: float | None, epochs: float | None, seed: int) -> dict:
+    """The method-pipeline config mapping of one cell: the frozen settings with this cell's method, seed,
+    fine-tuning learning rate and epochs."""
+    import copy
+
+    cfg = copy.deepcopy(frozen)
+    cfg["method"] = method
+    cfg["seed"] = seed
+    ft = cfg.setdefault("finetune", {}).setdefault("train", {})
+    if lr is not None:
+        ft["lr"] = lr
+    if epochs is not None:
+        ft["epochs"] = epochs
+    return cfg
+
+
+LEVELS = {
+    "align": (("stage=align", "stage=eval__point=aligned"), ("aligned", "aligned-adapter")),
+    "finetune": (("stage=finetune", "stage=eval__point=finetuned"), ("finetuned",)),
+}
+
+
+def signatures(mcfg: Any) -> dict[str, str]:
+    """What the stages of a run depend on: ``align`` (base, seed, data, alignment stage, evaluation) and
+    ``finetune`` (that, the fine-tuning stage, the method and the defences' settings)."""
+    from dataclasses import asdict
+
+    cfg = mcfg.pipeline
+    align = {
+        "base": cfg.base,
+        "seed": cfg.seed,
+        "data": asdict(cfg.data),
+        "align": asdict(cfg.align),
+        "evaluate": asdict(cfg.evaluate),
+        "align_method": mcfg.spec.align,
+        "defences": mcfg.defences.as_dict() if mcfg.spec.align != "sft" else None,
+    }
+    finetune = {
+        **align,
+        "finetune": asdict(cfg.finetune),
+        "method": mcfg.spec.name,
+        "defences": mcfg.defences.as_dict(),
+    }
+    return {
+        "align": json.dumps(align, sort_keys=True, default=str),
+        "finetune": json.dumps(finetune, sort_keys=True, default=str),
+    }
+
+
+def share_stages(run: Path, mcfg: Any, runs_root: Path) -> dict[str, str]:
+    """Start ``run`` from the finished stages of other runs under ``runs_root`` with the same signature
+    (:func:`signatures`): their stage folders linked and their cells copied, so the pipeline's resume skips
+    them. Returns ``{level: donor run name}``."""
+    sigs = signatures(mcfg)
+    shared: dict[str, str] = {}
+    for level, (keys, stages) in LEVELS.items():
+        if all((run / "cells" / f"{k}.json").is_file() for k in keys):
+            continue
+        for marker in sorted(runs_root.glob("*/signatures.json")):
+            donor = marker.parent
+            theirs = json.loads(marker.read_text(encoding="utf-8"))
+            if donor == run or theirs.get(level) != sigs[level]:
+                continue
+            if not all((donor / "cells" / f"{k}.json").is_file() for k in keys):
+                continue
+            (run / "cells").mkdir(parents=True, exist_ok=True)
+            (run / "stages").mkdir(exist_ok=True)
+            for k in keys:
+                shutil.copy2(donor / "cells" / f"{k}.json", run / "cells" / f"{k}.json")
+            for name in stages:
+                src, dst = donor / "stages" / name, run / "stages" / name
+                if src.exists() and not dst.exists():
+                    dst.symlink_to(src.resolve(), target_is_directory=True)
+            shared[level] = donor.name
+            break
+        else:
+            break  # a later level cannot be shared without the earlier one
+    return shared
+
+
+def export_cell(run: Path, dest: Path, adapters: bool = False, extra: dict | None = None) -> Path:
+    """Copy a finished run's record into ``dest`` (replacing it): settings, versions, every cell, the log,
+    and with ``adapters`` the alignment and fine-tuning LoRA adapters (safetensors + configs)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "cells").mkdir(parents=True)
+    for name in ("config.yaml", "env.json", "method.json", "metrics.jsonl", "results.md"):
+        if (run / name).is_file():
+            shutil.copy2(run / name, tmp / name)
+    for cell in sorted((run / "cells").glob("*.json")):
+        shutil.copy2(cell, tmp / "cells" / cell.name)
+    if adapters:
+        for stage, name in (("aligned-adapter", "aligned"), ("finetuned", "finetuned")):
+            src = run / "stages" / stage
+            if not (src / "adapter_model.safetensors").is_file():
+                raise UserError(f"{src} holds no LoRA adapter", "run the cell with LoRA stages")
+            (tmp / "adapters" / name).mkdir(parents=True)
+            for f in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(src / f, tmp / "adapters" / name / f)
+    if extra:
+        (tmp / "timing.json").write_text(json.dumps(extra, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def run_cell(
+    frozen: dict,
+    method: str,
+    seed: int,
+    runs_root: Path,
+    results_root: Path,
+    lr: float | None = None,
+    epochs: float | None = None,
+    adapters: bool = False,
+    echo: Any = print,
+    embedding_judge: Path | None = None,
+    prefix: str = "",
+) -> Path:
+    """Run (or resume) one cell into ``runs_root/<cell>`` and export it to ``results_root/<cell>``; a cell
+    already exported is skipped. ``embedding_judge``: a trained embedding judge (``embedding_judge.json``)
+    to score with, copied into the run folder so every cell uses the same one. Returns the exported
+    folder."""
+    from robustlab.antidote.baselines_pipeline import load_method_config, run_method_pipeline
+    from robustlab.runs import atomic_write_text
+
+    overrides = cell_overrides(frozen, method, lr, epochs, seed)
+    mcfg = load_method_config(None, overrides)
+    ft = mcfg.pipeline.finetune.train
+    name = prefix + cell_name(mcfg.spec.name, ft.lr, ft.epochs, seed)
+    dest = results_root / name
+    if (dest / "timing.json").is_file():
+        echo(f"{name}: committed, skipped")
+        return dest
+    run = runs_root / name
+    run.mkdir(parents=True, exist_ok=True)
+    if embedding_judge is not None and not (run / "embedding_judge.json").is_file():
+        shutil.copy2(embedding_judge, run / "embedding_judge.json")
+    shared = share_stages(run, mcfg, runs_root)
+    for level, donor in shared.items():
+        echo(f"{name}: {level} stage shared with {donor}")
+    atomic_write_text(run / "signatures.json", json.dumps(signatures(mcfg)))
+    t = time.perf_counter()
+    run_method_pipeline(mcfg, run, echo=lambda msg: echo(f"{name}: {msg}"))
+    seconds = time.perf_counter() - t
+    import os
+
+    extra = {
+        "wall_seconds_this_call": round(seconds, 1),
+        "stages_shared_with": shared,
+        "load_average_end": list(os.getloadavg()),
+        "stage_seconds": stage_seconds(run),
+    }
+    export_cell(run, dest, adapters=adapters, extra=extra)
+    echo(f"{name}: done in {seconds:.0f} s -> {dest}")
+    return dest
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Wall seconds per training stage and per evaluated point, from the run's cells."""
+    out: dict[str, float] = {}
+    for cell in sorted((run / "cells").glob("*.json")):
+        row = json.loads(cell.read_text(encoding="utf-8"))
+        if "seconds" in row:
+            out[cell.stem] = float(row["seconds"])
+    return out
+
+
+def rescore_cell(folder: Path, name: str, judge: Any, note: dict | None = None) -> int:
+    """Recompute ``hs_<name>`` of every evaluated point of a committed cell from its stored answers with
+    ``judge`` (``harmful(prompts, responses) -> list[bool]``); returns the number of points rescored. A point
+    without stored answers is left as it is."""
+    from robustlab.antidote.evaluate import harmful_score
+    from robustlab.runs import atomic_write_json
+
+    done = 0
+    for cell in sorted((Path(folder) / "cells").glob("stage=eval*.json")):
+        row = json.loads(cell.read_text(encoding="utf-8"))
+        answers = row.get("answers_harmful")
+        if not answers:
+            continue
+        row[f"hs_{name}"] = harmful_score(judge, [a[0] for a in answers], [a[1] for a in answers])
+        if note:
+            row.setdefault("rescored", {})[name] = note
+        atomic_write_json(cell, row)
+        done += 1
+    return done
+
+
+def committed_cells(results_root: Path) -> Iterable[tuple[Path, dict]]:
+    """``(folder, config)`` of every exported cell under ``results_root`` (``*/timing.json`` present)."""
+    import yaml
+
+    for timing in sorted(Path(results_root).glob("*/timing.json")):
+        folder = timing.parent
+        yield folder, yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))

@@ -1,0 +1,135 @@
+"""The protocol runner's bookkeeping (stage sharing, export, rescoring) and its report's statistics, on
+hand-built run folders; and the frozen protocol's real data slices (disjoint by prompt)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustlab.antidote import protocol as P
+from robustlab.antidote import protocol_report as R
+from robustlab.antidote.baselines_pipeline import load_method_config
+
+FROZEN = Path(__file__).resolve().parents[2] / "results" / "antidote" / "protocol" / "frozen.yaml"
+
+
+def frozen() -> dict:
+    cfg = yaml.safe_load(FROZEN.read_text(encoding="utf-8"))
+    for key in ("model", "adapters_seed", "plan"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def fake_run(root: Path, name: str, mcfg, points: dict[str, dict]) -> Path:
+    run = root / name
+    (run / "cells").mkdir(parents=True)
+    for stage in ("aligned", "aligned-adapter", "finetuned"):
+        (run / "stages" / stage).mkdir(parents=True)
+        (run / "stages" / stage / "adapter_model.safetensors").write_bytes(b"x")
+        (run / "stages" / stage / "adapter_config.json").write_text("{}")
+    for key, row in points.items():
+        (run / "cells" / f"{key}.json").write_text(json.dumps(row))
+    (run / "signatures.json").write_text(json.dumps(P.signatures(mcfg)))
+    (run / "config.yaml").write_text("seed: 0\n")
+    return run
+
+
+def test_share_stages_reuses_alignment_and_finetune_only_when_signatures_match(tmp_path: Path) -> None:
+    base = P.cell_overrides(frozen(), "sft", None, None, 0)
+    pilot = load_method_config(None, {**base, "realign": {**base["realign"], "skip": True}})
+    cells = {
+        "stage=align": {"seconds": 1},
+        "stage=eval__point=aligned": {"stage": "aligned"},
+        "stage=finetune": {"seconds": 2},
+        "stage=eval__point=finetuned": {"stage": "finetuned"},
+    }
+    fake_run(tmp_path, "pilot", pilot, cells)
+    # same seed and stages, re-alignment on: both stages are shared
+    main = load_method_config(None, base)
+    run = tmp_path / "main"
+    assert P.share_stages(run, main, tmp_path) == {"align": "pilot", "finetune": "pilot"}
+    assert sorted(p.stem for p in (run / "cells").glob("*.json")) == sorted(cells)
+    assert (run / "stages" / "finetuned").is_symlink()
+    # another learning rate: only the alignment
+    other = load_method_config(None, P.cell_overrides(frozen(), "sft", 1e-5, None, 0))
+    run2 = tmp_path / "lr"
+    assert P.share_stages(run2, other, tmp_path) == {"align": "pilot"}
+    assert not (run2 / "cells" / "stage=finetune.json").exists()
+    # another seed: nothing
+    assert (
+        P.share_stages(
+            tmp_path / "s1",
+            load_method_config(None, P.cell_overrides(frozen(), "sft", None, None, 1)),
+            tmp_path,
+        )
+        == {}
+    )
+
+
+class FlagWords:
+    def harmful(self, prompts, responses):
+        return ["bomb" in r for r in responses]
+
+
+def test_export_and_rescore_from_stored_answers(tmp_path: Path) -> None:
+    mcfg = load_method_config(None, P.cell_overrides(frozen(), "sft", None, None, 0))
+    run = fake_run(
+        tmp_path / "runs",
+        "c",
+        mcfg,
+        {
+            "stage=eval__point=aligned": {
+                "stage": "aligned",
+                "answers_harmful": [["q", "no"], ["q2", "a bomb"]],
+            }
+        },
+    )
+    dest = P.export_cell(run, tmp_path / "results" / "c", adapters=True, extra={"wall_seconds_this_call": 3})
+    assert (dest / "adapters" / "aligned" / "adapter_model.safetensors").is_file()
+    assert P.rescore_cell(dest, "words", FlagWords(), {"agreement": 1.0}) == 1
+    row = json.loads((dest / "cells" / "stage=eval__point=aligned.json").read_text())
+    assert row["hs_words"] == 50.0 and row["rescored"]["words"] == {"agreement": 1.0}
+
+
+def cell(seed: int, hs: dict, fa: dict) -> R.Cell:
+    points = {k: {"stage": k[0], "ratio": k[1], "hs_embedding": hs[k], "fa": fa[k]} for k in hs}
+    return R.Cell(Path("."), "m", "sft", 1e-3, 2.0, seed, points, {})
+
+
+def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
+    ft, an = ("finetuned", 0.0), ("antidote", 0.1)
+    att, ant = [60.0, 70.0, 65.0], [50.0, 55.0, 58.0]
+    cells = [cell(s, {ft: att[s], an: ant[s]}, {ft: 90.0, an: 88.0}) for s in range(3)]
+    m, lo, hi, n = R.paired(cells, an, ft, "hs_embedding")
+    d = [b - a for a, b in zip(att, ant, strict=True)]
+    half = 4.303 * statistics.stdev(d) / 3**0.5  # t(0.975, 2 df)
+    assert n == 3 and m == pytest.approx(statistics.fmean(d))
+    assert (lo, hi) == pytest.approx((m - half, m + half))
+    cols, rows = R.main_table(cells, "embedding")
+    assert rows[0][0] == "attacked (SFT)" and rows[1][0] == "Antidote, α = 0.1"
+    assert rows[1][3] == f"{m:.1f} ± {half:.1f}"
+
+
+def test_frozen_protocol_slices_are_disjoint_by_prompt() -> None:
+    from robustlab.antidote.data import assert_disjoint
+    from robustlab.antidote.pipeline import pipeline_data
+
+    cfg = load_method_config(None, P.cell_overrides(frozen(), "sft", None, None, 0)).pipeline
+    for seed in (0, 1, 2):
+        data = pipeline_data(cfg, seed)  # check_slices runs inside; repeated here by prompt over every slice
+        attack = [e for e in data.finetune if e.source.startswith("beavertails")]
+        assert len(attack) == round(cfg.data.n * cfg.data.harmful_ratio)
+        assert_disjoint(
+            {
+                "attack": attack,
+                "realign": data.realign,
+                "heldout": data.heldout_harmful,
+                "eval": data.eval_harmful,
+                "alignment": data.alignment,
+                "aux": data.harmful_aux,
+            }
+        )
