@@ -122,7 +122,10 @@ def main() -> None:
         if START not in src:
             raise SystemExit(f"{target} has no {START} ... {END} block")
         new = re.sub(
-            re.escape(START) + r".*?" + re.escape(END), lambda _m: f"{START}\n{body}\n{END}", src, flags=re.S
+            re.escape(START) + r".*?" + re.escape(END),
+            lambda _m, b=body: f"{START}\n{b}\n{END}",
+            src,
+            flags=re.S,
         )
         target.write_text(new, encoding="utf-8")
         print(f"{target.relative_to(ROOT)}: updated")

@@ -109,7 +109,7 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
     half = 4.303 * statistics.stdev(d) / 3**0.5  # t(0.975, 2 df)
     assert n == 3 and m == pytest.approx(statistics.fmean(d))
     assert (lo, hi) == pytest.approx((m - half, m + half))
-    cols, rows = R.main_table(cells, "embedding")
+    _, rows = R.main_table(cells, "embedding")
     assert rows[0][0] == "attacked (SFT)" and rows[1][0] == "Antidote, α = 0.1"
     assert rows[1][3] == f"{m:.1f} ± {half:.1f}"
 

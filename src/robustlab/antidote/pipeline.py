@@ -477,8 +477,8 @@ def run_pipeline(
                     "zeroed": sum(pruned.counts.values()),
                     "score_seconds": score_seconds,
                 },
-                lambda: evaluate(
-                    ft_model, tokenizer, grid=not (label == "antidote" and r in ev.primary_ratios)
+                lambda grid=not (label == "antidote" and r in ev.primary_ratios): evaluate(
+                    ft_model, tokenizer, grid=grid
                 ),
             )
             pruned.restore(ft_model)
