@@ -88,8 +88,12 @@ def test_export_and_rescore_from_stored_answers(tmp_path: Path) -> None:
             }
         },
     )
-    dest = P.export_cell(run, tmp_path / "results" / "c", adapters=True, extra={"wall_seconds_this_call": 3})
-    assert (dest / "adapters" / "aligned" / "adapter_model.safetensors").is_file()
+    dest = P.export_cell(run, tmp_path / "results" / "c", extra={"wall_seconds_this_call": 3})
+    assert json.loads((dest / "timing.json").read_text()) == {"wall_seconds_this_call": 3}
+    ad = P.export_adapters(run, tmp_path / "results" / "adapters-seed0", {"base": "b"})
+    assert (ad / "aligned" / "adapter_model.safetensors").is_file() and (
+        ad / "finetuned" / "adapter_config.json"
+    ).is_file()
     assert P.rescore_cell(dest, "words", FlagWords(), {"agreement": 1.0}) == 1
     row = json.loads((dest / "cells" / "stage=eval__point=aligned.json").read_text())
     assert row["hs_words"] == 50.0 and row["rescored"]["words"] == {"agreement": 1.0}

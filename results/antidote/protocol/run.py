@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
 
-PLAN: ``pilot`` (the candidate settings of ``pilot.yaml`` on the pilot seed, no re-alignment), ``main`` (SFT +
+PLAN: ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot`` (the candidate settings of ``pilot.yaml`` on the pilot seed, no re-alignment), ``main`` (SFT +
 Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
 and the longer run, seed 0), ``baselines`` (every baseline at the frozen settings, seed 0), or a
 comma-separated list of ``method:seed[:lr[:epochs]]``.
@@ -51,6 +51,37 @@ def plan_cells(plan: str, frozen: dict) -> list[tuple[str, int, float | None, fl
     return out
 
 
+def export_seed_adapters(frozen: dict, model: str, seed: int, runs: Path) -> None:
+    """Commit the frozen setting's aligned and attacked LoRA adapters of ``seed`` (from whichever run of
+    that seed has them: the pilot's or the cell's, the same stages) for the quick demo."""
+    from robustlab.antidote.baselines_pipeline import load_method_config
+    from robustlab.antidote.protocol import cell_name, cell_overrides, export_adapters
+
+    mcfg = load_method_config(None, cell_overrides(frozen, "sft", None, None, seed))
+    ft = mcfg.pipeline.finetune.train
+    name = cell_name("sft", ft.lr, ft.epochs, seed)
+    for run in (runs / name, runs / f"pilot-{name}"):
+        if (run / "cells" / "stage=finetune.json").is_file():
+            break
+    else:
+        raise SystemExit(f"no finished fine-tuning stage for {name} under {runs}")
+    dest = ROOT / "results" / "antidote" / model / f"adapters-seed{seed}"
+    note = {
+        "base": mcfg.pipeline.base,
+        "seed": seed,
+        "aligned": "LoRA adapter of the alignment stage; merge it into the base first",
+        "finetuned": "LoRA adapter of the harmful fine-tuning stage, trained on base + merged aligned adapter",
+        "load": f"load_model({mcfg.pipeline.base!r}, align_adapter=<dest>/aligned, adapter=<dest>/finetuned)",
+        "data": vars(mcfg.pipeline.data),
+        "align": vars(mcfg.pipeline.align.train),
+        "finetune": vars(ft),
+        "from_run": run.name,
+        "cell": f"results/antidote/{model}/{name}",
+    }
+    export_adapters(run, dest, note)
+    print(f"adapters of {run.name} -> {dest.relative_to(ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from robustlab.antidote.cli_common import quiet_transformers
     from robustlab.antidote.protocol import run_cell
@@ -67,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     model = frozen.pop("model")
     adapters_seed = frozen.pop("adapters_seed", None)
     plan = frozen.pop("plan", {})
+    if args.plan == "adapters":
+        export_seed_adapters(frozen, model, int(adapters_seed), args.runs / model)
+        return None
     if args.plan == "pilot":
         cells = [("sft", int(frozen.get("seed", 0)), None, None)]
         results = HERE / "pilot" / model
@@ -92,11 +126,6 @@ def main(argv: list[str] | None = None) -> None:
             results,
             lr=lr,
             epochs=epochs,
-            adapters=adapters_seed is not None
-            and seed == adapters_seed
-            and method == "sft"
-            and lr is None
-            and epochs is None,
             echo=lambda msg: print(msg, flush=True),
             embedding_judge=judge,
             prefix="pilot-" if args.plan == "pilot" else "",

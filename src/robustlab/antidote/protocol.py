@@ -11,7 +11,9 @@ A cell is a :func:`robustlab.antidote.baselines_pipeline.run_method_pipeline` ru
                                              [prompt, answer]) and every task output (``answers_task``)
     cells/stage=align.json cells/stage=finetune.json   steps, last loss, wall seconds of the trainings
     metrics.jsonl results.md timing.json     the per-stage log, the run's own table, the cell's wall time
-    adapters/{aligned,finetuned}/            (only where asked) the two LoRA adapters, safetensors
+
+and, once per model, ``results/antidote/<model>/adapters-seed<k>/{aligned,finetuned}/`` (:func:`export_adapters`):
+the seed's alignment and fine-tuning LoRA adapters, for the quick demo.
 
 Cells share finished stages: a cell whose alignment (and fine-tuning) settings equal those of another run of
 the same seed starts from that run's aligned (and fine-tuned) model and evaluation, copied into the run
@@ -120,9 +122,31 @@ def share_stages(run: Path, mcfg: Any, runs_root: Path) -> dict[str, str]:
     return shared
 
 
-def export_cell(run: Path, dest: Path, adapters: bool = False, extra: dict | None = None) -> Path:
-    """Copy a finished run's record into ``dest`` (replacing it): settings, versions, every cell, the log,
-    and with ``adapters`` the alignment and fine-tuning LoRA adapters (safetensors + configs)."""
+def export_adapters(run: Path, dest: Path, note: dict) -> Path:
+    """Copy a run's alignment and fine-tuning LoRA adapters (safetensors + adapter config) into
+    ``dest/{aligned,finetuned}`` with ``dest/adapters.json`` (``note``: the base and the settings that made
+    them), as soon as the fine-tuning stage has finished."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for stage, name in (("aligned-adapter", "aligned"), ("finetuned", "finetuned")):
+        src = run / "stages" / stage
+        if not (src / "adapter_model.safetensors").is_file():
+            raise UserError(
+                f"{src} holds no LoRA adapter", "wait for the stage to finish, or run it with LoRA"
+            )
+        (tmp / name).mkdir(parents=True)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(src / f, tmp / name / f)
+    (tmp / "adapters.json").write_text(json.dumps(note, indent=1, sort_keys=True, default=str) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def export_cell(run: Path, dest: Path, extra: dict | None = None) -> Path:
+    """Copy a finished run's record into ``dest`` (replacing it): settings, versions, every cell, the log."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -132,14 +156,6 @@ def export_cell(run: Path, dest: Path, adapters: bool = False, extra: dict | Non
             shutil.copy2(run / name, tmp / name)
     for cell in sorted((run / "cells").glob("*.json")):
         shutil.copy2(cell, tmp / "cells" / cell.name)
-    if adapters:
-        for stage, name in (("aligned-adapter", "aligned"), ("finetuned", "finetuned")):
-            src = run / "stages" / stage
-            if not (src / "adapter_model.safetensors").is_file():
-                raise UserError(f"{src} holds no LoRA adapter", "run the cell with LoRA stages")
-            (tmp / "adapters" / name).mkdir(parents=True)
-            for f in ("adapter_model.safetensors", "adapter_config.json"):
-                shutil.copy2(src / f, tmp / "adapters" / name / f)
     if extra:
         (tmp / "timing.json").write_text(json.dumps(extra, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     if dest.exists():
@@ -156,7 +172,6 @@ def run_cell(
     results_root: Path,
     lr: float | None = None,
     epochs: float | None = None,
-    adapters: bool = False,
     echo: Any = print,
     embedding_judge: Path | None = None,
     prefix: str = "",
@@ -195,7 +210,7 @@ def run_cell(
         "load_average_end": list(os.getloadavg()),
         "stage_seconds": stage_seconds(run),
     }
-    export_cell(run, dest, adapters=adapters, extra=extra)
+    export_cell(run, dest, extra=extra)
     echo(f"{name}: done in {seconds:.0f} s -> {dest}")
     return dest
 
