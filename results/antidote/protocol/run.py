@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
 
-PLAN: ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot`` (the candidate settings of ``pilot.yaml`` on the pilot seed, no re-alignment), ``main`` (SFT +
+PLAN: ``export`` (export the evaluated points of unfinished cells), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot`` (the candidate settings of ``pilot.yaml`` on the pilot seed, no re-alignment), ``main`` (SFT +
 Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
 and the longer run, seed 0), ``baselines`` (every baseline at the frozen settings, seed 0), or a
 comma-separated list of ``method:seed[:lr[:epochs]]``.
@@ -12,6 +12,7 @@ comma-separated list of ``method:seed[:lr[:epochs]]``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -82,6 +83,35 @@ def export_seed_adapters(frozen: dict, model: str, seed: int, runs: Path) -> Non
     print(f"adapters of {run.name} -> {dest.relative_to(ROOT)}")
 
 
+def export_unfinished(runs: Path, results: Path) -> None:
+    """Export the evaluated points of every cell that did not finish (the session's deadline), marked
+    ``complete: false`` in its timing.json; finished cells are left as they are."""
+    import os
+
+    from robustlab.antidote.protocol import export_cell, stage_seconds
+
+    for run in sorted(
+        p for p in runs.iterdir() if (p / "cells").is_dir() and not p.name.startswith("pilot-")
+    ):
+        done = results / run.name / "timing.json"
+        if done.is_file() and json.loads(done.read_text()).get("complete", True):
+            continue
+        points = sorted(c.stem for c in (run / "cells").glob("stage=eval*.json"))
+        if not points:
+            continue
+        export_cell(
+            run,
+            results / run.name,
+            extra={
+                "complete": False,
+                "points": points,
+                "load_average_end": list(os.getloadavg()),
+                "stage_seconds": stage_seconds(run),
+            },
+        )
+        print(f"{run.name}: {len(points)} points exported (unfinished)")
+
+
 def main(argv: list[str] | None = None) -> None:
     from robustlab.antidote.cli_common import quiet_transformers
     from robustlab.antidote.protocol import run_cell
@@ -98,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     model = frozen.pop("model")
     adapters_seed = frozen.pop("adapters_seed", None)
     plan = frozen.pop("plan", {})
+    if args.plan == "export":
+        export_unfinished(args.runs / model, ROOT / "results" / "antidote" / model)
+        return None
     if args.plan == "adapters":
         export_seed_adapters(frozen, model, int(adapters_seed), args.runs / model)
         return None

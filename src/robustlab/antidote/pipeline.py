@@ -444,6 +444,8 @@ def run_pipeline(
         for r in ratios_of(label)
         if not run.is_done(cell_key(stage="eval", point=label, ratio=r))
     ]
+    # scores once per method (masks are small bool tensors), then the evaluations, the primary points first
+    found: dict[str, tuple[Any, Any, float]] = {}
     for label, method in methods:
         ratios = [r for lab, r in todo if lab == label]
         if not ratios:
@@ -455,33 +457,40 @@ def run_pipeline(
             texts = data.benign_calibration if label == "benign" else data.realign
             batches = calibration_batches(tokenizer, [e.text for e in texts], rc.batch_size, rc.max_length)
         scoring = "wanda" if method == "benign" else method
-        found = realign_masks(ft_model, batches, ratios, rc.targets, scoring, cfg.seed)
-        score_seconds = time.perf_counter() - t
-        run.log(stage="scores", method=label, seconds=score_seconds)
-        for r in ratios:
-            pruned = apply_masks(ft_model, found.masks[r], remember=True)
-            if rc.save_models:
-                save_realigned(
-                    ft_model,
-                    found.result(r, pruned.counts),
-                    stages / f"realigned-{label}-{r:g}",
-                    calibration_digest=calibration_hash(batches) if batches else None,
-                    tokenizer=tokenizer,
-                    extra={"calibration": label},
-                )
-            record(
-                cell_key(stage="eval", point=label, ratio=r),
-                {
-                    "stage": label,
-                    "ratio": r,
-                    "zeroed": sum(pruned.counts.values()),
-                    "score_seconds": score_seconds,
-                },
-                lambda grid=not (label == "antidote" and r in ev.primary_ratios): evaluate(
-                    ft_model, tokenizer, grid=grid
-                ),
+        masks = realign_masks(ft_model, batches, ratios, rc.targets, scoring, cfg.seed)
+        found[label] = (masks, batches, time.perf_counter() - t)
+        run.log(stage="scores", method=label, seconds=found[label][2])
+
+    def priority(item: tuple[str, float]) -> tuple[int, int]:
+        label, r = item
+        primary = r in ev.primary_ratios
+        return (0 if primary and label == "antidote" else 1 if primary else 2, todo.index(item))
+
+    for label, r in sorted(todo, key=priority):
+        masks, batches, score_seconds = found[label]
+        pruned = apply_masks(ft_model, masks.masks[r], remember=True)
+        if rc.save_models:
+            save_realigned(
+                ft_model,
+                masks.result(r, pruned.counts),
+                stages / f"realigned-{label}-{r:g}",
+                calibration_digest=calibration_hash(batches) if batches else None,
+                tokenizer=tokenizer,
+                extra={"calibration": label},
             )
-            pruned.restore(ft_model)
+        record(
+            cell_key(stage="eval", point=label, ratio=r),
+            {
+                "stage": label,
+                "ratio": r,
+                "zeroed": sum(pruned.counts.values()),
+                "score_seconds": score_seconds,
+            },
+            lambda grid=not (label == "antidote" and r in ev.primary_ratios): evaluate(
+                ft_model, tokenizer, grid=grid
+            ),
+        )
+        pruned.restore(ft_model)
     rows += [
         run.load(cell_key(stage="eval", point=label, ratio=r))
         for label, _ in methods

@@ -188,7 +188,8 @@ def run_cell(
     ft = mcfg.pipeline.finetune.train
     name = prefix + cell_name(mcfg.spec.name, ft.lr, ft.epochs, seed)
     dest = results_root / name
-    if (dest / "timing.json").is_file():
+    timing = dest / "timing.json"
+    if timing.is_file() and json.loads(timing.read_text(encoding="utf-8")).get("complete", True):
         echo(f"{name}: committed, skipped")
         return dest
     run = runs_root / name
@@ -205,6 +206,7 @@ def run_cell(
     import os
 
     extra = {
+        "complete": True,
         "wall_seconds_this_call": round(seconds, 1),
         "stages_shared_with": shared,
         "load_average_end": list(os.getloadavg()),
