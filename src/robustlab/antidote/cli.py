@@ -150,6 +150,84 @@ def demo(
     typer.echo(f"trade-off plot: {res['figure']}  ({res['seconds']} s)")
 
 
+judge_app = typer.Typer(
+    name="judge",
+    help="The validated offline harmful-content judge (minilm-ft): train it once, check it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(judge_app, name="judge")
+
+
+def _judge_settings(seed: int) -> object:
+    from robustlab.antidote.finetuned_judge import FineTuneSettings
+
+    return FineTuneSettings(seed=seed).check()
+
+
+@judge_app.command("train")
+def judge_train(
+    data_dir: Path = typer.Option(None, "--data-dir", help="Staged data folder [default: shared/data]."),
+    out: Path = typer.Option(
+        None, "--out", help="Where to cache the judge [default: $ROBUSTLAB_CACHE/judges/minilm-ft]."
+    ),
+    report_dir: Path = typer.Option(
+        None, "--report-dir", help="Also write judge_report.json/.md here (e.g. results/antidote/judge)."
+    ),
+    threads: int = typer.Option(
+        1, "--threads", help="torch threads (the committed checksum is for 1 thread on torch 2.13 CPU)."
+    ),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Fine-tune the MiniLM judge on BeaverTails is_safe labels (split by prompt; epoch and threshold chosen on
+    a validation fold of the training split), report its held-out agreement beside the embedding judge,
+    always-safe and the refusal matcher, and cache it."""
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}", "use 1 (reproducible) or the core count")
+    settings = _judge_settings(seed)
+    from robustlab.antidote.embedding_judge import _beavertails_dir
+
+    _beavertails_dir(data_dir)  # fail before any training
+    quiet_transformers()
+    import torch
+
+    from robustlab.antidote.finetuned_judge import build_judge, report_markdown
+    from robustlab.runs import atomic_write_json, atomic_write_text
+
+    torch.set_num_threads(threads)
+    _, report = build_judge(data_dir, out, settings, log=lambda line: typer.echo(line, err=True))
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(report_dir / "judge_report.json", report)
+        atomic_write_text(report_dir / "judge_report.md", report_markdown(report))
+    h = report["heldout"]
+    typer.echo(
+        "held-out agreement: "
+        + ", ".join(f"{k} {v['agreement']:.3f}" for k, v in h.items())
+        + f"; saved to {out or 'the cache'} (sha256 {report['weights_sha256'][:12]})"
+    )
+
+
+@judge_app.command("check")
+def judge_check(
+    data_dir: Path = typer.Option(None, "--data-dir", help="Staged data folder [default: shared/data]."),
+    out: Path = typer.Option(
+        None, "--out", help="The cached judge [default: $ROBUSTLAB_CACHE/judges/minilm-ft]."
+    ),
+) -> None:
+    """Re-score the held-out pairs with the cached judge and compare with the agreement it recorded."""
+    quiet_transformers()
+    from robustlab.antidote.finetuned_judge import check_judge
+
+    got = check_judge(out, data_dir)
+    typer.echo(
+        f"{got['judge']}: held-out agreement {got['agreement']:.3f} (recorded {got['recorded']:.3f}), "
+        f"balanced accuracy {got['balanced_accuracy']:.3f}, AUC {got['auc']:.3f} on {got['n']} pairs; "
+        f"weights sha256 {'matches' if got['sha_matches'] else 'differs from'} the record"
+    )
+
+
 # The pipeline command takes a ``method:`` (issue 6's defences, e.g. ``vaccine+sft+antidote``); without one
 # it is the plain align -> fine-tune -> re-align -> evaluate pipeline. ``sweep`` is the robustness sweep.
 from robustlab.antidote.sweep_cli import method_pipeline, sweep  # noqa: E402

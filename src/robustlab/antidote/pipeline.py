@@ -32,7 +32,7 @@ from robustlab.antidote.methods import method as registered_method
 from robustlab.antidote.train import ALIGN_DEFAULTS, FINETUNE_DEFAULTS, TrainConfig
 from robustlab.errors import UserError
 
-JUDGES = ("refusal", "embedding", "beaverdam")
+JUDGES = ("refusal", "embedding", "minilm-ft", "beaverdam")
 REALIGN_METHODS = ("wanda", "magnitude", "random")
 CONTROLS = ("random", "benign", "magnitude")
 
@@ -238,7 +238,9 @@ def make_judges(
     judge_model: str | None = None,
 ) -> dict[str, Any]:
     """Judges by name. The embedding judge is trained on BeaverTails ``is_safe`` labels (held-out agreement
-    recorded in ``<cache>/embedding_judge.json``) and cached there; the beaver-dam judge loads
+    recorded in ``<cache>/embedding_judge.json``) and cached there; ``minilm-ft`` is the fine-tuned judge
+    that ``robustlab antidote judge train`` caches once (a UserError naming that command when it is
+    missing); the beaver-dam judge loads
     ``judge_model`` (a local folder or hub id; default ``PKU-Alignment/beaver-dam-7b``)."""
     from robustlab.antidote import embedding_judge as EJ
     from robustlab.antidote import judges as J
@@ -259,6 +261,10 @@ def make_judges(
 
                     atomic_write_json(path.with_name("embedding_judge_report.json"), report)
                 out[name] = judge
+        elif name == "minilm-ft":
+            from robustlab.antidote.finetuned_judge import load_finetuned_judge
+
+            out[name] = load_finetuned_judge()
         else:
             out[name] = J.BeaverDamJudge(judge_model or J.BEAVERDAM_ID)
     return out
