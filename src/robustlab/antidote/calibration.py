@@ -9,8 +9,9 @@ by the factor ``N_tokens / N_samples``, the same for every channel of every modu
 
 The official code calibrates with batch size 1 and replays the decoder layer by layer. Here one forward pass
 per padded batch collects every module's statistic at once; padded positions are excluded token by token (and
-left padding gets explicit ``position_ids``), so any batch size gives the statistics of batch size 1. Sums are
-accumulated in float64; one fp64 vector per module is all that is kept between batches.
+left padding gets explicit ``position_ids``), so any batch size gives the statistics of batch size 1. A batch's
+channel sums are taken in the input's precision (float64 for a float64 model) and added up across batches in
+float64; one fp64 vector per module is all that is kept between batches.
 """
 
 from __future__ import annotations
@@ -145,71 +146,111 @@ def _forward_kwargs(model: nn.Module) -> set[str]:
         return set()
 
 
-class _Collector:
-    """Forward hooks that add up ``x_j^2`` over non-padded tokens; they only read the inputs.
+class _StopForward(Exception):
+    """Raised by the last target's hook: the rest of the forward pass (later layers, the LM head) cannot
+    change any statistic, so calibration does not pay for it."""
 
-    Each sequence's real tokens are one contiguous run of the flattened ``(batch * seq, dim)`` input (left
-    or right padding), so a hook reduces views of the input and copies nothing: per sequence, the squared
-    float32 norm of every channel (the official ``torch.norm(inp, p=2) ** 2`` of a sample; float64 for a
-    float64 model), summed over sequences in float64. A mask with holes falls back to gathering its rows.
+
+class _Collector:
+    """Forward pre-hooks that add up ``x_j^2`` over non-padded tokens; they only read the inputs.
+
+    Per batch and module, one product ``w @ x^2`` of the flattened ``(batch * seq, dim)`` input with the
+    0/1 token weights ``w`` (the attention mask: left or right padding, or holes) gives the channel sums in
+    the input's precision (float32 for float32, bfloat16 and float16 models, float64 for float64), added to
+    a float64 vector per module. Modules fed the very same input tensor (``q_proj``/``k_proj``/``v_proj``
+    and their LoRA ``A`` matrices, ``gate_proj``/``up_proj``) share one reduction.
+
+    After the first batch, when every target was called exactly once per forward pass (the usual decoder;
+    a shared or repeated module disables it), the hook of the target called last stops the forward pass
+    with :class:`_StopForward`: the later layers and the LM head cannot change a statistic.
     """
 
-    def __init__(self, targets: Mapping[str, nn.Module]) -> None:
+    def __init__(self, targets: Mapping[str, nn.Module], early_stop: bool = True) -> None:
         self.targets = targets
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = dict.fromkeys(targets, 0)
         self.rows = 0  # flattened (batch * seq) size of the batch in flight
-        self.runs: list[tuple[int, int]] = []  # [start, end) of each sequence's real tokens, flattened
-        self.gather: torch.Tensor | None = None  # the real tokens' flat indices, for masks with holes
         self.count = 0
+        self.mask: torch.Tensor | None = None  # the batch's flattened 0/1 mask
+        self.weights: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # per (features, precision, device): the input whose sums the scratch vector holds, and its version
+        self.last: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, int]] = {}
+        self.calls: list[str] = []  # targets in call order, during the first batch
+        self.stop_after: str | None = None  # the target whose hook ends the forward pass
+        self.early_stop = early_stop
+        self.batches = 0
         self.handles: list[Any] = []
+        self.scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def set_batch(self, mask: torch.Tensor) -> None:
-        flat = mask.bool()
-        self.rows, width = flat.numel(), flat.shape[-1]
-        self.count = int(flat.sum())
-        self.runs, self.gather = [], None
-        for r, row in enumerate(flat.reshape(-1, width).cpu()):
-            idx = row.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            first, last = int(idx[0]), int(idx[-1]) + 1
-            if last - first != idx.numel():  # holes: gather the rows instead
-                self.runs, self.gather = [], flat.reshape(-1).nonzero().squeeze(1)
-                return
-            self.runs.append((r * width + first, r * width + last))
+        self.mask = mask.reshape(-1)
+        self.rows = self.mask.numel()
+        self.count = int(self.mask.sum())
+        # the token weights, made before the forward pass (not during it, see _channel_sums)
+        self.weights = {(t, mask.device): self.mask.to(t) for t in (torch.float32, torch.float64)}
+        self.last.clear()
+        self.calls.clear()
+
+    def end_batch(self) -> None:
+        """After a forward pass: on the first batch, decide whether later passes may stop early."""
+        self.last.clear()
+        self.weights.clear()
+        if self.batches == 0 and self.early_stop:
+            once = len(self.calls) == len(self.targets) and set(self.calls) == set(self.targets)
+            self.stop_after = self.calls[-1] if once else None
+        self.batches += 1
+
+    def _channel_sums(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``w @ x^2``, once per distinct input tensor, into a scratch vector per (features, precision,
+        device) that lives as long as the collector: small allocations made during a forward pass and kept
+        would pin the heap between the pass's large temporaries and grow the resident set."""
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        key = (rows.shape[1], acc, rows.device)
+        out = self.scratch.get(key)
+        if out is None:
+            out = self.scratch[key] = torch.empty(rows.shape[1], dtype=acc, device=rows.device)
+        seen = self.last.get(key)
+        if seen is not None and seen[0] is x and seen[1] == x._version:
+            return out  # the same tensor as the previous module's input (q/k/v, gate/up)
+        w = self.weights.get(key[1:])
+        if w is None:  # a target on another device than the inputs (a device map)
+            w = self.weights[key[1:]] = self.mask.to(device=rows.device, dtype=acc)
+        self.last[key] = (x, x._version)
+        return torch.mv(rows.to(acc).square().t(), w, out=out)
 
     def hook(self, name: str, dim: int):
         def collect(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
             if x.shape[-1] != dim:
                 raise RuntimeError(f"{name}: input has {x.shape[-1]} features, weight expects {dim}")
-            rows = x.reshape(-1, dim)
             # (batch, seq, dim) inputs flatten row-major, so the flat token positions of the mask apply
+            rows = x.reshape(-1, dim)
             if rows.shape[0] != self.rows:
                 raise UserError(
                     f"module {name} sees {rows.shape[0]} input rows for a batch of {self.rows} tokens, "
                     "so its inputs cannot be matched to calibration tokens",
                     "leave it out of the targets (e.g. mixture-of-experts expert layers)",
                 )
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            parts = (
-                [rows.index_select(0, self.gather.to(x.device))]
-                if self.gather is not None
-                else [rows[a:b] for a, b in self.runs]
-            )
-            total = self.sums.get(name)
-            if total is None:
-                total = self.sums[name] = torch.zeros(dim, dtype=torch.float64, device=x.device)
-            for part in parts:
-                total += torch.linalg.vector_norm(part, 2, dim=0, dtype=acc).double().square()
+            self.sums[name].add_(self._channel_sums(x, rows))
             self.tokens[name] += self.count
+            if self.batches == 0:
+                self.calls.append(name)
+            elif name == self.stop_after:
+                raise _StopForward
 
         return collect
 
     def __enter__(self) -> _Collector:
+        # every float64 sum is a view of one buffer per device, allocated before any forward pass
+        dims = {name: m.weight.shape[input_dim(m)] for name, m in self.targets.items()}
+        devices = {name: m.weight.device for name, m in self.targets.items()}
+        for dev in set(devices.values()):
+            names = [n for n in self.targets if devices[n] == dev]
+            buffer = torch.zeros(sum(dims[n] for n in names), dtype=torch.float64, device=dev)
+            for name, part in zip(names, buffer.split([dims[n] for n in names]), strict=True):
+                self.sums[name] = part
         for name, module in self.targets.items():
-            dim = module.weight.shape[input_dim(module)]
+            dim = dims[name]
             self.handles.append(module.register_forward_pre_hook(self.hook(name, dim), with_kwargs=True))
         return self
 
@@ -217,6 +258,11 @@ class _Collector:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.last.clear()
+
+
+def _has_accelerate_hooks(model: nn.Module) -> bool:
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -264,7 +310,9 @@ def collect_statistics(
     model.eval()
     seen = 0
     try:
-        with _Collector(chosen) as collector, torch.no_grad():
+        # accelerate's offloading hooks must see every module's forward end: no early stop there
+        early = not getattr(model, "hf_device_map", None) and not _has_accelerate_hooks(model)
+        with _Collector(chosen, early) as collector, torch.no_grad():
             iterator: Iterable[Any] = calibration
             if progress:
                 from robustlab.runs import track
@@ -283,8 +331,10 @@ def collect_statistics(
                 if skip_logits:
                     kwargs["logits_to_keep"] = 1
                 collector.set_batch(mask)
-                model(**kwargs)
-                seen += int(mask.sum())
+                with contextlib.suppress(_StopForward):
+                    model(**kwargs)
+                collector.end_batch()
+                seen += collector.count
     finally:
         model.train(was_training)
     if seen == 0:
@@ -294,11 +344,11 @@ def collect_statistics(
     stats = CalibrationStatistics()
     for name in chosen:
         tokens = collector.tokens[name]
-        if tokens == 0 or name not in collector.sums:
+        if tokens == 0:
             raise UserError(
                 f"target module {name} was never called during calibration",
                 "leave it out of the targets (it does not take part in the forward pass)",
             )
-        stats.mean_sq[name] = collector.sums.pop(name) / tokens
+        stats.mean_sq[name] = collector.sums[name] / tokens
         stats.tokens[name] = tokens
     return stats

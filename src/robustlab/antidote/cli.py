@@ -115,10 +115,15 @@ def demo(
     seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds [default: 0,1,2]."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Staged data folder [default: shared/data]."),
     workers: int = typer.Option(2, "--workers", help="Processes for the seeds (one torch thread each)."),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    device_map: str = device_map_option(),
 ) -> None:
     """The offline demo: a tiny from-scratch Llama through align -> attack -> Antidote vs controls."""
     from robustlab.antidote.data import resolve_data_dir
+    from robustlab.antidote.runtime import use_runtime
 
+    runtime = Runtime.resolve(device, dtype, device_map)
     if scale not in ("quick", "full"):
         raise UserError(f"unknown scale {scale!r}", "use --scale quick or --scale full")
     seed_list = None
@@ -141,8 +146,9 @@ def demo(
 
     cfg = demo_config(scale)
     cfg.seeds = tuple(seed_list) if seed_list else cfg.seeds
-    with demo_progress(cfg, out):  # a line per finished stage (a bar on a terminal)
-        res = run_demo(out, scale, data_dir=data_dir, cfg=cfg, workers=workers)
+    # a line per finished stage (a bar on a terminal); the runtime reaches the seeds' worker processes too
+    with use_runtime(runtime), demo_progress(cfg, out):
+        res = run_demo(out, scale, data_dir=data_dir, cfg=cfg, workers=workers, runtime=runtime)
     from robustlab.report import markdown_table
 
     typer.echo(markdown_table(res["columns"], res["table"]))

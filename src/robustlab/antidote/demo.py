@@ -16,6 +16,7 @@ the whole Antidote pipeline, per seed, resumable point by point.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -32,6 +33,7 @@ from robustlab.antidote.demo_report import (
 )
 from robustlab.antidote.evaluate import EvalSettings, evaluate_model
 from robustlab.antidote.pipeline import save_checkpoint
+from robustlab.antidote.runtime import Runtime, use_runtime
 from robustlab.antidote.tiny import (
     DemoConfig,
     demo_config,
@@ -254,13 +256,15 @@ def _worker_init(verbosity: int, progress_bars: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _seed_worker(cfg: DemoConfig, seed: int, out: str, cache: str, data_dir: Any) -> int:
-    """One seed in a worker process, from the shared base cached in ``cache/base``."""
+def _seed_worker(cfg: DemoConfig, seed: int, out: str, cache: str, data_dir: Any, runtime: Any = None) -> int:
+    """One seed in a worker process, from the shared base cached in ``cache/base``, under the parent's
+    runtime (a spawned process does not inherit the ``use_runtime`` block)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     folder = Path(cache) / "base"
     base = LlamaForCausalLM.from_pretrained(str(folder)), AutoTokenizer.from_pretrained(str(folder))
-    run_seed(cfg, seed, RunDir(Path(out)), Path(cache), data_dir, base=base)
+    with use_runtime(runtime) if runtime is not None else contextlib.nullcontext():
+        run_seed(cfg, seed, RunDir(Path(out)), Path(cache), data_dir, base=base)
     return seed
 
 
@@ -269,7 +273,14 @@ def _judge_worker(cache: str, data_dir: Any) -> None:
 
 
 def _run_parallel(
-    cfg: DemoConfig, seeds: Sequence[int], out: Path, cache: Path, data_dir: Any, workers: int, judge: bool
+    cfg: DemoConfig,
+    seeds: Sequence[int],
+    out: Path,
+    cache: Path,
+    data_dir: Any,
+    workers: int,
+    judge: bool,
+    runtime: Any = None,
 ) -> None:
     """Seeds (and the judge's training) across ``workers`` spawned processes; the first failure is raised
     after the others finish, and every finished point is already on disk."""
@@ -281,7 +292,7 @@ def _run_parallel(
     quiet = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=quiet) as pool:
-        jobs = [pool.submit(_seed_worker, cfg, s, str(out), str(cache), data_dir) for s in seeds]
+        jobs = [pool.submit(_seed_worker, cfg, s, str(out), str(cache), data_dir, runtime) for s in seeds]
         if judge:  # last: the seeds' points are the results, the judge only adds a column to some of them
             jobs.append(pool.submit(_judge_worker, str(cache), data_dir))
         errors = [f.exception() for f in as_completed(jobs)]
@@ -315,12 +326,15 @@ def run_demo(
     cache: str | Path | None = None,
     cfg: DemoConfig | None = None,
     workers: int = 2,
+    runtime: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) the demo into ``out``; returns ``{"rows", "aggregate", "table", "figure", ...}``.
 
     With ``workers > 1`` the seeds (and the embedding judge's training) run in that many processes of one
     torch thread each: a model this small keeps one core busy, not two, so seeds in parallel are what fill
-    the machine. Every seed's numbers are the same either way up to float summation order."""
+    the machine. Every seed's numbers are the same either way up to float summation order. ``runtime``
+    (a :class:`~robustlab.antidote.runtime.Runtime`): where the seeds train and evaluate, in the worker
+    processes too [default: the enclosing ``use_runtime`` block, else the CPU in float32]."""
     from robustlab.antidote.data import resolve_data_dir
 
     cfg = cfg or demo_config(scale)
@@ -334,13 +348,15 @@ def run_demo(
     start = time.perf_counter()
     pending = [s for s in cfg.seeds if not all(run.is_done(k) for k, _ in _point_keys(cfg, s))]
     want_judge = scale != "smoke"
+    runtime = runtime or Runtime.entered()
     if pending:
-        base = shared_base(cfg, cache, data_dir, run.log)
-        if workers > 1:
-            _run_parallel(cfg, pending, out, cache, data_dir, workers, want_judge)
-        else:
-            for seed in track(pending, "antidote demo seeds"):
-                run_seed(cfg, seed, run, cache, data_dir, base=base)
+        with use_runtime(runtime) if runtime is not None else contextlib.nullcontext():
+            base = shared_base(cfg, cache, data_dir, run.log)
+            if workers > 1:
+                _run_parallel(cfg, pending, out, cache, data_dir, workers, want_judge, runtime)
+            else:
+                for seed in track(pending, "antidote demo seeds"):
+                    run_seed(cfg, seed, run, cache, data_dir, base=base)
         del base
     judge_report = None
     if want_judge:
