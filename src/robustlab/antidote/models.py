@@ -203,10 +203,12 @@ def _safetensors_adapter(path: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _same_model_name(a: str, b: str) -> bool:
-    def key(s: str) -> str:
-        return str(s).rstrip("/").replace("\\", "/").split("/")[-1].lower()
+def _name_key(s: str) -> str:
+    return str(s).rstrip("/").replace("\\", "/").split("/")[-1].lower()
 
+
+def _same_model_name(a: str, b: str) -> bool:
+    key = _name_key
     if not a or not b:
         return True
     if a == b:
@@ -240,19 +242,28 @@ def check_adapter(
     adapter: str | os.PathLike,
     base_name: str | Sequence[str] | None = None,
     role: str = "fine-tuning",
+    merged_from: str | os.PathLike | None = None,
 ) -> dict:
     """Check that the LoRA adapter folder fits ``model`` (a transformers model, alignment adapter merged).
 
     ``base_model_name_or_path`` must name the same model as ``base_name`` (or one of several names of the
     base: same string, same folder, or the same last path component, e.g. a hub id and a local copy of it),
-    and every ``lora_A``/``lora_B`` tensor must fit the module it adapts. Returns the adapter config; raises
+    and every ``lora_A``/``lora_B`` tensor must fit the module it adapts. ``merged_from``: the alignment
+    adapter merged into ``model``; an adapter trained on that merged model may record a folder of the same
+    last name as the alignment adapter's (a pipeline's saved stage). Returns the adapter config; raises
     :class:`UserError` otherwise.
     """
     path = Path(adapter).expanduser()
     cfg = _read_adapter_config(path, role)
     recorded = cfg.get("base_model_name_or_path")
     names = [base_name] if isinstance(base_name, (str, os.PathLike)) else list(base_name or [])
-    if names and recorded and not any(_same_model_name(str(recorded), str(n)) for n in names):
+    on_merged = merged_from is not None and recorded and _name_key(recorded) == _name_key(merged_from)
+    if (
+        names
+        and recorded
+        and not on_merged
+        and not any(_same_model_name(str(recorded), str(n)) for n in names)
+    ):
         raise UserError(
             f"the {role} adapter {path} was trained on {recorded}, not on {names[0]}",
             "pass the base model the adapter was trained on (or fix base_model_name_or_path in adapter_config.json if it is the same model under another path)",
@@ -368,7 +379,7 @@ def load_model(
     if adapter_path is not None:
         from peft import PeftModel
 
-        check_adapter(model, adapter_path, names, role="fine-tuning")
+        check_adapter(model, adapter_path, names, role="fine-tuning", merged_from=align_path)
         with _quiet_warnings(), _safetensors_adapter(adapter_path) as folder:
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     model = runtime.place(model)
