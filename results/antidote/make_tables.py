@@ -55,10 +55,14 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     ]
     cols, rows = R.main_table(mains, judge)
     lines += [markdown_table(cols, rows), ""]
-    wall = [c.timing.get("wall_seconds_this_call") for c in mains]
     lines.append(
-        "Cell wall times (align + attack + every evaluation, 1 torch thread, shared cores): "
-        + ", ".join(f"seed {c.seed} {w / 60:.0f} min" for c, w in zip(mains, wall, strict=True) if w)
+        "Wall time per cell, summed over its stages (alignment, attack and every evaluated point; 1 torch "
+        "thread on 2 cores shared with other jobs, load average 8–20, so each process got 20–40% of a core): "
+        + ", ".join(
+            f"seed {c.seed} {sum(c.timing.get('stage_seconds', {}).values()) / 60:.0f} min"
+            + ("" if c.timing.get("complete", True) else f" (unfinished: {len(c.points)} points)")
+            for c in mains
+        )
         + "."
     )
     lines.append("")

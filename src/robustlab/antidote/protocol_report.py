@@ -53,7 +53,12 @@ def load_cells(root: Path) -> list[Cell]:
     for timing in sorted(Path(root).glob("*/*/timing.json")):
         folder = timing.parent
         cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-        method = json.loads((folder / "method.json").read_text(encoding="utf-8"))["method"]
+        mfile = folder / "method.json"  # written when the run finishes; an unfinished cell has its name
+        method = (
+            json.loads(mfile.read_text(encoding="utf-8"))["method"]
+            if mfile.is_file()
+            else folder.name.split("_lr")[0].replace("-", "+")
+        )
         points = {}
         for f in sorted((folder / "cells").glob("stage=eval*.json")):
             row = json.loads(f.read_text(encoding="utf-8"))
