@@ -130,11 +130,15 @@ def paired(cells: Sequence[Cell], a: tuple[str, float], b: tuple[str, float], ke
 def main_table(cells: Sequence[Cell], judge: str) -> tuple[list[str], list[list[Any]]]:
     """One row per point of the cells (the seeds of one model, method, lr, epochs): HS by ``judge`` and by
     the refusal matcher, FA, the paired HS difference to the attacked model, prompts and rows evaluated."""
+    others = [
+        j for j in JUDGE_ORDER if j != judge and any(f"hs_{j}" in p for c in cells for p in c.points.values())
+    ]
     cols = [
         "point",
         "seeds",
         f"HS % ({judge} judge)",
         "HS − attacked (paired)",
+        *[f"HS % ({j} judge)" for j in others],
         "refusal-matcher HS %",
         "FA % (SST-2)",
         "FA − attacked (paired)",
@@ -155,6 +159,7 @@ def main_table(cells: Sequence[Cell], judge: str) -> tuple[list[str], list[list[
                 len(pts),
                 fmt_stat(hs),
                 fmt_stat(d_hs) if d_hs else "",
+                *[fmt_stat(_stat([p.get(f"hs_{j}") for p in pts])) for j in others],
                 fmt_stat(_stat([p.get("hs_refusal") for p in pts])),
                 fmt_stat(_stat([p.get("fa") for p in pts])),
                 fmt_stat(d_fa) if d_fa else "",
