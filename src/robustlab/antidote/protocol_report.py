@@ -311,16 +311,25 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
     judge = judge_of(mains)
     hs = f"hs_{judge}"
     a, ft = ("antidote", PRIMARY_RATIO), ("finetuned", 0.0)
+    report = (
+        Path(root)
+        / "protocol"
+        / {"minilm-ft": "minilm_ft_judge_report.json"}.get(judge, f"{judge}_judge_report.json")
+    )
+    if not judge_note and report.is_file():
+        judge_note = (
+            f" (held-out agreement {json.loads(report.read_text(encoding='utf-8'))['agreement']:.3f})"
+        )
     scale = (
-        f"{model}, {len(mains)} seed(s), n = {mains[0].points[ft].get('n_eval_harmful', '?')} prompts, "
+        f"{model}, {len(mains)} seed(s), n = {mains[0].points.get(('aligned', 0.0), {}).get('n_eval_harmful', '?')} prompts, "
         f"{judge} judge{judge_note}"
     )
     out = []
     d_hs = paired(mains, a, ft, hs)
     d_fa = paired(mains, a, ft, "fa")
-    fa_att = _stat([c.points[ft].get("fa") for c in mains])
-    aligned = _stat([c.points[("aligned", 0.0)].get(hs) for c in mains])
-    attacked = _stat([c.points[ft].get(hs) for c in mains])
+    fa_att = _stat([c.points.get(ft, {}).get("fa") for c in mains])
+    aligned = _stat([c.points.get(("aligned", 0.0), {}).get(hs) for c in mains])
+    attacked = _stat([c.points.get(ft, {}).get(hs) for c in mains])
     below = _below(d_hs)
     out.append(
         Claim(
