@@ -220,3 +220,17 @@ def test_personalised_methods_are_reported_on_the_clients_models(tmp_path):
     assert bn[5].startswith("0.650") and bn[6].startswith("0.550")  # final round: clients
     avg = next(r for k, r in rows.items() if k.startswith("FedAvg"))
     assert avg[2].startswith("0.400")  # server copy, round 1
+
+
+def test_a_partly_regenerated_sweep_does_not_enter_the_claims():
+    """Seed 0 of three methods is not a sweep: the claims read only datasets with >= 2 seeds of every compared
+    method at beta 100 and 0.5."""
+    from robustlab.fedld.reproduce import CLAIM_METHODS, testable
+
+    full = {b: {m: {0: 0.5, 1: 0.6} for m in CLAIM_METHODS} for b in (100.0, 1.0, 0.5)}
+    assert testable(full)
+    partial = {b: {m: {0: 0.5} for m in ("fedavg", "fedld", "fedavg-slr")} for b in (100.0, 1.0, 0.5)}
+    assert not testable(partial)
+    one_short = {b: dict(v) for b, v in full.items()}
+    one_short[0.5] = {**full[0.5], "fedld-pg": {0: 0.5}}
+    assert not testable(one_short) and not testable({100.0: full[100.0]})
