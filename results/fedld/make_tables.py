@@ -129,19 +129,20 @@ def regime_block(summaries: dict[str, dict[float, dict]]) -> str | None:
     seeds both methods finished, seed by seed). ``None`` before the grid has a cell."""
     if not summaries.get(REGIMES[1][0]):
         return None
+    regimes = [r for r in REGIMES if summaries.get(r[0])]  # a regime without committed cells gets no columns
     cols = ["β", "method"]
-    for _, short, _ in REGIMES:
+    for _, short, _ in regimes:
         cols += [
             f"{short} {c}"
             for c in ("seeds", "test acc (val-chosen)", "final test acc", "update ratio / cosine")
         ]
     rows = []
-    betas = sorted({b for g, _, _ in REGIMES for b in summaries.get(g, {})}, reverse=True)
+    betas = sorted({b for g, _, _ in regimes for b in summaries.get(g, {})}, reverse=True)
     for beta in betas:
         for method in CORE:
             row: list = [f"{beta:g}", None]
             seen = False
-            for group, _, _ in REGIMES:
+            for group, _, _ in regimes:
                 m = summaries.get(group, {}).get(beta, {}).get("methods", {}).get(method)
                 if m is None:
                     row += ["0", "—", "—", "—"]
@@ -157,7 +158,7 @@ def regime_block(summaries: dict[str, dict[float, dict]]) -> str | None:
                 rows.append(row)
     lines = [markdown_table(cols, rows), ""]
     for beta in betas:
-        for group, _, head in REGIMES:
+        for group, _, head in regimes:
             methods = summaries.get(group, {}).get(beta, {}).get("methods", {})
             parts = []
             for other, name in (("fedavg", "FedAvg"), ("fedavg-slr", "FedAvg with FedLD's server step")):
