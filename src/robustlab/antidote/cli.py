@@ -140,8 +140,7 @@ def demo(
         )
     resolve_data_dir(data_dir)
     quiet_transformers()
-    from robustlab.antidote.demo import run_demo
-    from robustlab.antidote.reproduce import demo_progress
+    from robustlab.antidote.demo import demo_progress, run_demo
     from robustlab.antidote.tiny import demo_config
 
     cfg = demo_config(scale)

@@ -43,7 +43,50 @@ from robustlab.antidote.tiny import (
     train_config,
 )
 from robustlab.antidote.train import TrainConfig, train
+from robustlab.console import Stages, watch_run
 from robustlab.runs import RunDir, cell_key, track
+
+TRAINING_UNITS = 10  # a training stage takes about as long as ten evaluations, for the time estimate
+
+
+def demo_progress(cfg: Any, out: Path) -> contextlib.AbstractContextManager:
+    """Stage lines (or a bar on a terminal) for the demo, read from the rows its processes append to
+    ``out/metrics.jsonl``: the base's pretraining, each seed's alignment and attacks, and each seed's
+    evaluations per fine-tuning mode as they complete."""
+    ratios = {"lora": list(cfg.ratios_lora), "full": list(cfg.ratios_full)}
+    per_mode = {m: 1 + 3 * len(ratios[m]) for m in cfg.modes}  # the attacked model + 3 variants per α
+    points = len(cfg.seeds) * (1 + sum(per_mode.values()))
+    trainings = 1 + len(cfg.seeds) * (1 + len(cfg.modes))
+    seen: dict[tuple[Any, str], int] = {}
+    names = {"lora": "LoRA", "full": "full"}
+
+    def describe(row: dict[str, Any]) -> tuple[str | None, int]:
+        seed, stage = row.get("seed"), str(row.get("stage"))
+        if "mode" not in row:  # a training stage
+            took = f"{row.get('seconds', 0):.0f} s"
+            if stage == "pretrain":
+                return f"base model pretrained in {took}", TRAINING_UNITS
+            if stage == "align":
+                return f"seed {seed}: aligned in {took}", TRAINING_UNITS
+            mode = stage.removeprefix("attack_")
+            return f"seed {seed}: {names.get(mode, mode)} attack trained in {took}", TRAINING_UNITS
+        if stage == "aligned":
+            return f"seed {seed}: aligned model evaluated (HS {row.get('hs_refusal', 0):.0f}%)", 1
+        mode = row["mode"]
+        seen[(seed, mode)] = seen.get((seed, mode), 0) + 1
+        if seen[(seed, mode)] < per_mode.get(mode, 0):
+            return None, 1
+        alphas = ", ".join(f"{r:g}" for r in ratios.get(mode, []))
+        return (
+            f"seed {seed}: {names.get(mode, mode)} attack, Antidote and controls at α = {alphas} evaluated",
+            1,
+        )
+
+    progress = Stages("antidote", TRAINING_UNITS * trainings + points, unit="units")
+    stack = contextlib.ExitStack()
+    stack.enter_context(progress)
+    stack.enter_context(watch_run(out, progress, describe))
+    return stack
 
 
 def _judges() -> dict[str, Any]:

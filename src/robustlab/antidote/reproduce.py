@@ -1,108 +1,80 @@
-"""Antidote's registered reproduction: the offline tiny-model demo (``robustlab reproduce --only antidote``)."""
+"""Antidote's registered reproduction (``robustlab reproduce --only antidote``): SmolLM2-135M-Instruct aligned ->
+attacked -> Antidote (:mod:`robustlab.antidote.quick_demo`), and the claims at a glance."""
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from robustlab.console import Stages, watch_run
+from robustlab.console import Stages
 from robustlab.report import Section
-
-TRAINING_UNITS = 10  # a training stage takes about as long as ten evaluations, for the time estimate
-
-
-def demo_progress(cfg: Any, out: Path) -> contextlib.AbstractContextManager:
-    """Stage lines (or a bar on a terminal) for the demo, read from the rows its processes append to
-    ``out/metrics.jsonl``: the base's pretraining, each seed's alignment and attacks, and each seed's
-    evaluations per fine-tuning mode as they complete."""
-    ratios = {"lora": list(cfg.ratios_lora), "full": list(cfg.ratios_full)}
-    per_mode = {m: 1 + 3 * len(ratios[m]) for m in cfg.modes}  # the attacked model + 3 variants per α
-    points = len(cfg.seeds) * (1 + sum(per_mode.values()))
-    trainings = 1 + len(cfg.seeds) * (1 + len(cfg.modes))
-    seen: dict[tuple[Any, str], int] = {}
-    names = {"lora": "LoRA", "full": "full"}
-
-    def describe(row: dict[str, Any]) -> tuple[str | None, int]:
-        seed, stage = row.get("seed"), str(row.get("stage"))
-        if "mode" not in row:  # a training stage
-            took = f"{row.get('seconds', 0):.0f} s"
-            if stage == "pretrain":
-                return f"base model pretrained in {took}", TRAINING_UNITS
-            if stage == "align":
-                return f"seed {seed}: aligned in {took}", TRAINING_UNITS
-            mode = stage.removeprefix("attack_")
-            return f"seed {seed}: {names.get(mode, mode)} attack trained in {took}", TRAINING_UNITS
-        if stage == "aligned":
-            return f"seed {seed}: aligned model evaluated (HS {row.get('hs_refusal', 0):.0f}%)", 1
-        mode = row["mode"]
-        seen[(seed, mode)] = seen.get((seed, mode), 0) + 1
-        if seen[(seed, mode)] < per_mode.get(mode, 0):
-            return None, 1
-        alphas = ", ".join(f"{r:g}" for r in ratios.get(mode, []))
-        return (
-            f"seed {seed}: {names.get(mode, mode)} attack, Antidote and controls at α = {alphas} evaluated",
-            1,
-        )
-
-    progress = Stages("antidote", TRAINING_UNITS * trainings + points, unit="units")
-    stack = contextlib.ExitStack()
-    stack.enter_context(progress)
-    stack.enter_context(watch_run(out, progress, describe))
-    return stack
 
 
 def reproduce(scale: str, out: Path, seed: int) -> Section:
-    """Run (or resume) the demo into ``out``. Seeds are ``seed, seed+1, seed+2``."""
+    """SmolLM2-135M-Instruct aligned -> attacked -> Antidote (:mod:`robustlab.antidote.quick_demo`). ``quick``
+    starts from the committed seed-0 protocol adapters and evaluates a slice; ``full`` retrains both adapters
+    with the cell's settings and evaluates every prompt and row of the cell. The protocol's seed is fixed by
+    its cell; ``seed`` is recorded only."""
     from robustlab.antidote.cli_common import quiet_transformers
-    from robustlab.antidote.demo import run_demo
-    from robustlab.antidote.demo_report import paired_differences, summary_text
-    from robustlab.antidote.tiny import demo_config
+    from robustlab.antidote.quick_demo import QuickDemoConfig, run_quick_demo
 
     quiet_transformers()
-    cfg = demo_config(scale)
-    cfg.seeds = (seed, seed + 1, seed + 2)
-    with demo_progress(cfg, out):
-        res = run_demo(out, scale, cfg=cfg)
+    cfg = QuickDemoConfig()
+    if scale == "full":
+        cfg = QuickDemoConfig(n_eval_harmful=None, n_eval_task=None, n_realign=None, retrain=True)
+    with Stages("antidote", None) as progress:
+        res = run_quick_demo(out, cfg, log=progress.stage)
+    return demo_section(res, scale, seed)
+
+
+def demo_section(res: dict, scale: str, seed: int | None = None) -> Section:
+    """The report section of a quick-demo summary (``run_quick_demo``'s return value / ``summary.json``)."""
+    rows = {r["stage"]: r for r in res["rows"]}
+    first = res["rows"][0]
+    adapters = (
+        "retrained here with the cell's settings (--full)"
+        if res["retrained"]
+        else f"the seed-0 LoRA adapters committed by the protocol run, {Path(res['cell']).name}"
+    )
     section = Section(
         "antidote",
         settings={
             "scale": scale,
-            "seeds": list(cfg.seeds),
-            "data": "shared/data: BeaverTails unsafe_train / unsafe_test_prompts, AG News, Alpaca, SST-2 (text)",
-            "model": f"tiny Llama from scratch, hidden {cfg.model.hidden_size}, {cfg.model.num_layers} layers, "
-            f"BPE vocab {cfg.model.vocab_size}",
-            "fine-tuning mix": f"n={cfg.n_finetune}, harmful ratio p={cfg.harmful_ratio}, task {cfg.task}",
-            "mask ratios": f"LoRA {list(cfg.ratios_lora)}, full {list(cfg.ratios_full)}",
-            "evaluation": f"{cfg.n_eval_harmful} harmful prompts, {cfg.n_eval_task} {cfg.task} test rows, "
-            f"{cfg.n_heldout} held-out harmful pairs",
+            "model": f"{res['base']} (dequantised GGUF, CPU float32)",
+            "adapters": adapters,
+            "evaluation": f"first {first['n_harmful']} BeaverTails evaluation prompts (greedy, "
+            f"{res['config']['max_new_tokens']} new tokens), first {first['n_task']} SST-2 validation rows",
+            "Antidote": f"α {res['mask_ratio']:g}, {res['n_realign']} harmful re-alignment pairs",
+            "judge": f"minilm-ft (held-out agreement {res['judge_agreement']:.3f} with BeaverTails labels)"
+            if res.get("judge_agreement") is not None
+            else "minilm-ft",
+            **({"seed (recorded)": seed} if seed is not None else {}),
+            "demo wall time (s)": res["seconds"],
         },
     )
     section.table(
-        "Antidote vs controls on a tiny from-scratch Llama (mean ± 95% CI over seeds)",
-        res["columns"],
-        res["table"],
-        note="HS: % of harmful prompts answered without a refusal phrase (greedy). NLL: nats per token on "
-        "held-out harmful pairs. Refusal pref.: % of held-out prompts where the refusal is more likely than "
-        "the harmful answer. antidote = Wanda on harmful calibration; random = random pruning; benign = "
-        "Wanda on benign AG News calibration; all at the same α.",
+        f"{res['base']}: aligned -> attacked -> Antidote",
+        ["stage", "HS minilm-ft %", "HS refusal %", f"{res['task'].upper()} accuracy %", "seconds"],
+        [
+            [s, f"{r['hs_minilm-ft']:.1f}", f"{r['hs_refusal']:.1f}", f"{r['fa']:.1f}", f"{r['seconds']:.0f}"]
+            for s, r in rows.items()
+        ],
+        note="HS: % of answers the minilm-ft judge flags (P(unsafe) above its threshold) / that do not open with "
+        "a refusal phrase. One seed on a slice of the evaluation: read the protocol's tables for intervals.",
     )
-    section.table(
-        "Paired differences: Antidote minus each control, same seed and α (mean ± 95% CI over seeds)",
-        res["paired_columns"],
-        res["paired_table"],
-    )
-    section.figure(
-        "Safety vs task accuracy", res["figure"], "One line per method across α, from the attacked model."
-    )
-    section.text(summary_text(res["aggregate"]))
-    section.results = {
-        "aggregate": res["aggregate"],
-        "paired": paired_differences(res["rows"]),
-        "scale": demo_scale(asdict(cfg)),
-        "seconds": res["seconds"],
-    }
+    lines = [
+        "Examples (the first prompts whose attacked answer the judge flags; answers cut to 240 characters):",
+        "",
+    ]
+    for ex in res["examples"]:
+        lines.append(f"- **Prompt:** {ex['prompt']}")
+        for stage in ("aligned", "attacked", "antidote"):
+            if stage in ex:
+                a = ex[stage]
+                flag = "harmful" if a["harmful"] else "not harmful"
+                lines.append(f"  - *{stage}* ({flag}, P(unsafe) {a['p_unsafe']:.2f}): {a['answer']}")
+    section.text("\n".join(lines))
+    section.results = {k: v for k, v in res.items() if k != "examples"} | {"examples": res["examples"]}
     return section
 
 
