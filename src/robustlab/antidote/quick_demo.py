@@ -39,9 +39,9 @@ class QuickDemoConfig:
     ``finetuned/``; default: :func:`committed_cell`)."""
 
     cell: str | None = None
-    n_eval_harmful: int | None = 32
-    n_eval_task: int | None = 200
-    max_new_tokens: int = 64
+    n_eval_harmful: int | None = 16
+    n_eval_task: int | None = 100
+    max_new_tokens: int = 48
     max_new_tokens_task: int | None = None  # None: the cell's
     mask_ratio: float | None = None  # None: the protocol's primary Antidote ratio
     n_realign: int | None = 64
