@@ -191,9 +191,9 @@ def judge_train(
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}", "use 1 (reproducible) or the core count")
     settings = _judge_settings(seed)
-    from robustlab.antidote.embedding_judge import _beavertails_dir
+    from robustlab.antidote.embedding_judge import beavertails_dir
 
-    _beavertails_dir(data_dir)  # fail before any training
+    beavertails_dir(data_dir)  # fail before any training
     quiet_transformers()
     import torch
 

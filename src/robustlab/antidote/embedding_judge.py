@@ -28,6 +28,7 @@ __all__ = [
     "EmbeddingJudge",
     "JudgeReport",
     "MiniLMEncoder",
+    "beavertails_dir",
     "beavertails_judge_split",
     "judge_features",
     "minilm_path",
@@ -274,7 +275,7 @@ class EmbeddingJudge:
     ) -> EmbeddingJudge:
         """Train on BeaverTails (see :func:`train_embedding_judge`), or load the cached result of the same
         data files and settings from ``cache_dir`` (default ``$ROBUSTLAB_CACHE`` or ``~/.cache/robustlab``)."""
-        folder = _beavertails_dir(data_dir)
+        folder = beavertails_dir(data_dir)
         files = [folder / "test_30k.jsonl", folder / "unsafe_test_prompts.jsonl"]
         key = hashlib.sha256()
         for f in files:
@@ -290,7 +291,7 @@ class EmbeddingJudge:
         return judge
 
 
-def _beavertails_dir(data_dir: str | Path | None) -> Path:
+def beavertails_dir(data_dir: str | Path | None) -> Path:
     from robustlab.paths import shared_data_dir
 
     if data_dir is None:
@@ -328,7 +329,7 @@ def beavertails_judge_split(
     evaluation prompt (``unsafe_test_prompts.jsonl``), split by prompt (all answers to one prompt on the same side).
     ``eval``: the evaluation prompts with the dataset's own harmful answers (all unsafe), for a recall check.
     """
-    folder = _beavertails_dir(data_dir)
+    folder = beavertails_dir(data_dir)
     evaluation = _read_jsonl(folder / "unsafe_test_prompts.jsonl")
     eval_prompts = {_normalise(r["prompt"]) for r in evaluation}
     pool = [r for r in _read_jsonl(folder / "test_30k.jsonl") if _normalise(r["prompt"]) not in eval_prompts]

@@ -431,9 +431,9 @@ def build_judge(
     import numpy as np
     import torch
 
-    from robustlab.antidote.embedding_judge import _beavertails_dir, beavertails_judge_split
+    from robustlab.antidote.embedding_judge import beavertails_dir, beavertails_judge_split
 
-    folder = _beavertails_dir(data_dir)
+    folder = beavertails_dir(data_dir)
     s = (settings or FineTuneSettings()).check()
     split = beavertails_judge_split(folder, seed=s.seed)
     train, held = split["train"], split["heldout"]
