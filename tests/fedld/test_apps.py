@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("flwr.app")
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from robustlab.fedld import client_app
 from robustlab.fedld.protocol import PENDING_ROUND, SCAFFOLD_C, SCAFFOLD_DC
@@ -21,12 +20,8 @@ SPEC = TaskSpec(dataset="digits", num_partitions=3, beta=1.0, seed=0, min_partit
 
 
 @pytest.fixture(autouse=True)
-def _setup():
+def _setup(task_identity):
     torch.set_num_threads(1)
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("flwr.app")
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from robustlab.fedld import client_app
 from robustlab.fedld.losses import fedpac_alignment_loss
@@ -37,12 +36,8 @@ ALL3 = {"min_train_nodes": 3, "min_available_nodes": 3, "min_evaluate_nodes": 3}
 
 
 @pytest.fixture(autouse=True)
-def _setup():
+def _setup(task_identity):
     torch.set_num_threads(1)
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
 
 
 @pytest.fixture(scope="module")

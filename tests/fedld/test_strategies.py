@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 flwr_app = pytest.importorskip("flwr.app")
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from robustlab.fedld import (  # noqa: E402
     MOON,
@@ -29,14 +28,7 @@ from robustlab.fedld import (  # noqa: E402
 from robustlab.fedld.protocol import SCAFFOLD_C, SCAFFOLD_DC, arrays_to_numpy, numpy_to_arrays  # noqa: E402
 from robustlab.fedld.strategies import evaluate_metrics_aggregate  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages need a run id; outside a ServerApp we provide a dummy one."""
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class FakeGrid:

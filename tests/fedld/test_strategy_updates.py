@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("flwr.app")
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from flwr.supercore.task_identity import TaskIdentity
 
 from robustlab.fedld.aggregation import (
     gradient_harmonize,
@@ -45,12 +44,7 @@ SERVER_LR = 0.37
 MODEL_MEAN = {"fedavg", "fedprox", "moon", "fedbn", "fedld-margin"}  # Flower's weighted model average
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Grid:
