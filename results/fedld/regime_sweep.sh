@@ -4,9 +4,9 @@
 # aggregation only, margin only, seeds 0-2, with the lr and rounds frozen in results/fedld/regime.json
 # (choose_regime.py, from the FedAvg pilot's validation curves). One folder per beta.
 #
-# Job order (a partial grid is still informative): seed 0 of FedLD, FedAvg and FedAvg with FedLD's server step
-# at every beta; then seed 0 of the other three methods; then seeds 1 and 2 in the same order. Two lanes (one
-# CPU each); a lane takes the first pending job whose beta folder the other lane is not using (one process per
+# Job order (a partial grid is still informative): FedLD, FedAvg and FedAvg with FedLD's server step at every
+# beta, seed 0, then seed 1, then seed 2 (the 3-seed answer to the shorter-server-step question comes first);
+# then the other three methods, all three seeds, one method at a time. Lanes (one CPU each, LANES=2 default); a lane takes the first pending job whose beta folder the other lane is not using (one process per
 # folder at a time). A job's --methods lists every method its folder has run so far plus the new one, so
 # config.yaml names them all; only unfinished cells run. Resumable: finished cells are skipped, a killed cell
 # continues from its last round.
@@ -20,13 +20,14 @@ lr=$(.venv/bin/python -c 'import json; print(json.load(open("results/fedld/regim
 rounds=$(.venv/bin/python -c 'import json; print(json.load(open("results/fedld/regime.json"))["rounds"])')
 jobs() {  # "beta methods seeds", in priority order
   local order=(fedld fedavg fedavg-slr fedavg-unweighted fedld-pg fedld-margin)
-  for s in 1 2 3; do
-    for m in 0 1 2 3 4 5; do
-      for b in 1 0.5 100; do
-        local ms
-        ms=$(IFS=,; echo "${order[*]:0:$((m + 1))}")
-        echo "$b $ms $s"
-      done
+  local core
+  core=$(IFS=,; echo "${order[*]:0:3}")
+  for s in 1 2 3; do  # the three methods of the shorter-server-step question, seed by seed
+    for b in 1 0.5 100; do echo "$b $core $s"; done
+  done
+  for m in 3 4 5; do  # then the other three, all seeds at once
+    for b in 1 0.5 100; do
+      echo "$b $(IFS=,; echo "${order[*]:0:$((m + 1))}") 3"
     done
   done
 }
