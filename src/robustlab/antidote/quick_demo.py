@@ -2,6 +2,11 @@
 aligned -> attacked -> Antidote, with real greedy answers to held-out BeaverTails harmful prompts, the
 ``minilm-ft`` judge's harmful score, the refusal matcher's, and SST-2 accuracy.
 
+The judge (``judge="auto"``, the default) is ``minilm-ft`` when it is cached. On a machine where it is not,
+training it takes about 45 minutes on two cores, far over the demo's budget, so ``auto`` scores with the
+embedding judge instead (MiniLM embeddings + logistic regression, trained in about a minute and cached),
+and says so; ``judge="minilm-ft"`` (``--full``) trains the validated judge once when it is missing.
+
 ``--quick`` starts from the seed-0 LoRA adapters that the protocol run committed (the alignment adapter and
 the harmful fine-tuning adapter, ``results/antidote/smollm2-135m-instruct/adapters-seed0``), on that run's
 own data slices (its ``adapters.json``; calibration and evaluation settings from the protocol's
@@ -48,6 +53,7 @@ class QuickDemoConfig:
     batch_size: int = 16
     n_examples: int = 3
     retrain: bool = False  # --full: train both adapters again with the cell's settings
+    judge: str = "auto"  # auto | minilm-ft | embedding (module docstring)
 
 
 #: The committed adapters the quick demo starts from (written by the protocol run, issue 15).
@@ -145,21 +151,48 @@ def train_adapters(pcfg: Any, data: Any, out: Path, log: Callable[[str], None]) 
     return aligned, finetuned
 
 
-def _load_judge(log: Callable[[str], None]) -> Any:
-    """The cached ``minilm-ft`` judge, trained once (with one torch thread) when it is missing."""
+JUDGE_CHOICES = ("auto", "minilm-ft", "embedding")
+
+
+def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, float | None]:
+    """``(name, judge, held-out agreement)`` for ``choice`` (:data:`JUDGE_CHOICES`): the cached ``minilm-ft``
+    judge (trained once, with one torch thread, when ``choice`` is ``minilm-ft`` and it is missing), or the
+    embedding judge (trained and cached beside it in about a minute)."""
     from robustlab.antidote.finetuned_judge import build_judge, default_judge_dir, load_finetuned_judge
+    from robustlab.runs import atomic_write_json, read_json
 
-    if not (default_judge_dir() / "judge.json").is_file():
-        import torch
+    if choice not in JUDGE_CHOICES:
+        raise UserError(f"unknown quick-demo judge {choice!r}", f"use one of {', '.join(JUDGE_CHOICES)}")
+    cached = (default_judge_dir() / "judge.json").is_file()
+    if choice == "minilm-ft" or (choice == "auto" and cached):
+        if not cached:
+            import torch
 
-        log("training the minilm-ft judge once (cached for later runs; see results/antidote/judge)")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            build_judge(log=log)
-        finally:
-            torch.set_num_threads(threads)
-    return load_finetuned_judge()
+            log("training the minilm-ft judge once (cached for later runs; see results/antidote/judge)")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                build_judge(log=log)
+            finally:
+                torch.set_num_threads(threads)
+        judge = load_finetuned_judge()
+        report = (judge.meta.get("report") or {}).get("heldout", {}).get("minilm-ft", {})
+        return "minilm-ft", judge, report.get("agreement")
+    from robustlab.antidote.embedding_judge import EmbeddingJudge, train_embedding_judge
+
+    path = default_judge_dir().parent / "embedding_judge.json"
+    if choice == "auto":
+        log(
+            "minilm-ft judge not cached: scoring with the embedding judge (train the validated one once with "
+            "`robustlab antidote judge train`, about 45 min on 2 cores)"
+        )
+    if not path.is_file():
+        judge, report = train_embedding_judge(None, seed=0)
+        judge.save(path)
+        atomic_write_json(path.with_name("embedding_judge_report.json"), report.to_dict())
+    report_path = path.with_name("embedding_judge_report.json")
+    agreement = read_json(report_path).get("agreement") if report_path.is_file() else None
+    return "embedding", EmbeddingJudge.load(path), agreement
 
 
 def run_quick_demo(
@@ -195,7 +228,8 @@ def run_quick_demo(
             raise UserError(
                 f"no LoRA adapter at {d}", "point the demo at a protocol cell that kept its adapters"
             )
-    judge, refusal = _load_judge(log), RefusalJudge()
+    judge_name, judge, agreement = _load_judge(cfg.judge, log)
+    refusal = RefusalJudge()
     t = time.perf_counter()
     model, tok = load_model(pcfg.base, align_adapter=str(aligned_dir), log=log)
     load_seconds = round(time.perf_counter() - t, 1)
@@ -215,7 +249,7 @@ def run_quick_demo(
         outs = generate(m, tok, [e.prompt for e in task_rows], new_task, **kw)
         row = {
             "stage": stage,
-            "hs_minilm-ft": 100.0 * sum(flags) / len(flags),
+            f"hs_{judge_name}": 100.0 * sum(flags) / len(flags),
             "hs_refusal": 100.0 * sum(refuses) / len(refuses),
             "fa": finetune_accuracy(pcfg.data.task, outs, task_rows),
             "n_harmful": len(harmful),
@@ -231,7 +265,7 @@ def run_quick_demo(
         }
         atomic_write_json(path, row)
         log(
-            f"{stage}: HS {row['hs_minilm-ft']:.1f}% (minilm-ft), {row['hs_refusal']:.1f}% (refusal), "
+            f"{stage}: HS {row[f'hs_{judge_name}']:.1f}% ({judge_name}), {row['hs_refusal']:.1f}% (refusal), "
             f"SST-2 {row['fa']:.1f}% in {row['seconds']:.0f} s"
         )
         return row
@@ -262,10 +296,8 @@ def run_quick_demo(
         "mask_ratio": alpha,
         "n_realign": min(cfg.n_realign or len(data.realign), len(data.realign)),
         "task": pcfg.data.task,
-        "judge_agreement": (judge.meta.get("report") or {})
-        .get("heldout", {})
-        .get("minilm-ft", {})
-        .get("agreement"),
+        "judge": judge_name,
+        "judge_agreement": agreement,
         "rows": [{k: v for k, v in r.items() if not k.startswith("answers")} for r in rows],
         "examples": examples(rows, cfg.n_examples),
         "load_seconds": load_seconds,

@@ -21,7 +21,9 @@ def reproduce(scale: str, out: Path, seed: int) -> Section:
     quiet_transformers()
     cfg = QuickDemoConfig()
     if scale == "full":
-        cfg = QuickDemoConfig(n_eval_harmful=None, n_eval_task=None, n_realign=None, retrain=True)
+        cfg = QuickDemoConfig(
+            n_eval_harmful=None, n_eval_task=None, n_realign=None, retrain=True, judge="minilm-ft"
+        )
     with Stages("antidote", None) as progress:
         res = run_quick_demo(out, cfg, log=progress.stage)
     return demo_section(res, scale, seed)
@@ -31,6 +33,7 @@ def demo_section(res: dict, scale: str, seed: int | None = None) -> Section:
     """The report section of a quick-demo summary (``run_quick_demo``'s return value / ``summary.json``)."""
     rows = {r["stage"]: r for r in res["rows"]}
     first = res["rows"][0]
+    judge = res.get("judge", "minilm-ft")  # summaries written before the judge was a choice
     adapters = (
         "retrained here with the cell's settings (--full)"
         if res["retrained"]
@@ -45,21 +48,21 @@ def demo_section(res: dict, scale: str, seed: int | None = None) -> Section:
             "evaluation": f"first {first['n_harmful']} BeaverTails evaluation prompts (greedy, "
             f"{res['config']['max_new_tokens']} new tokens), first {first['n_task']} SST-2 validation rows",
             "Antidote": f"α {res['mask_ratio']:g}, {res['n_realign']} harmful re-alignment pairs",
-            "judge": f"minilm-ft (held-out agreement {res['judge_agreement']:.3f} with BeaverTails labels)"
+            "judge": f"{judge} (held-out agreement {res['judge_agreement']:.3f} with BeaverTails labels)"
             if res.get("judge_agreement") is not None
-            else "minilm-ft",
+            else judge,
             **({"seed (recorded)": seed} if seed is not None else {}),
             "demo wall time (s)": res["seconds"],
         },
     )
     section.table(
         f"{res['base']}: aligned -> attacked -> Antidote",
-        ["stage", "HS minilm-ft %", "HS refusal %", f"{res['task'].upper()} accuracy %", "seconds"],
+        ["stage", f"HS {judge} %", "HS refusal %", f"{res['task'].upper()} accuracy %", "seconds"],
         [
-            [s, f"{r['hs_minilm-ft']:.1f}", f"{r['hs_refusal']:.1f}", f"{r['fa']:.1f}", f"{r['seconds']:.0f}"]
+            [s, f"{r[f'hs_{judge}']:.1f}", f"{r['hs_refusal']:.1f}", f"{r['fa']:.1f}", f"{r['seconds']:.0f}"]
             for s, r in rows.items()
         ],
-        note="HS: % of answers the minilm-ft judge flags (P(unsafe) above its threshold) / that do not open with "
+        note=f"HS: % of answers the {judge} judge flags (P(unsafe) above its threshold) / that do not open with "
         "a refusal phrase. One seed on a slice of the evaluation: read the protocol's tables for intervals.",
     )
     lines = [
