@@ -44,6 +44,7 @@ def main() -> None:
     from robustlab.fedld.strategies import FedAvg, FedLD
     from robustlab.fedld.task import TaskSpec, load_task
     from robustlab.paths import shared_data_dir
+    from robustlab.runs import environment_info
 
     torch.set_num_threads(1)
     root = shared_data_dir()
@@ -133,6 +134,7 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - t0,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "env": environment_info(),  # package versions, git commit and the command line behind the numbers
     }
     result["goal_met"] = result["ratio_fedld_over_fedavg"]["whole_round"] <= 1.10
     out = Path(args.out)
