@@ -74,3 +74,81 @@ def test_run_config_round_trip_and_unknown_keys():
 def test_every_field_says_where_it_applies_and_has_help():
     for f, opt in C.options():
         assert opt.where in ("both", "cli", "app") and opt.help.strip(), f.name
+
+
+def test_library_defaults_are_the_dataclass_defaults():
+    """The strategies' constructor keywords, the registry's and the ClientApp's fallbacks for a missing
+    option and the task spec carry the same defaults as ExperimentConfig (a library user who builds a
+    strategy by hand gets the CLI's settings)."""
+    import inspect
+
+    pytest.importorskip("flwr")
+    from robustlab.fedld import client_app
+    from robustlab.fedld import strategies as S
+    from robustlab.fedld.strategies import registry
+    from robustlab.fedld.strategies.aggregators import PrincipalGradients
+    from robustlab.fedld.task import TaskSpec
+
+    d = C.ExperimentConfig()
+
+    def kw(cls, name):
+        return inspect.signature(cls.__init__).parameters[name].default
+
+    pairs = {
+        (S.FedLD, "k_proportion"): d.k_proportion,
+        (S.FedLD, "margin_lambda"): d.margin_lambda,
+        (S.FedLDAggregationOnly, "k_proportion"): d.k_proportion,
+        (S.FedLDMarginOnly, "margin_lambda"): d.margin_lambda,
+        (PrincipalGradients, "k_proportion"): d.k_proportion,
+        (S.FedProx, "proximal_mu"): d.proximal_mu,
+        (S.MOON, "mu"): d.moon_mu,
+        (S.MOON, "tau"): d.moon_tau,
+        (S.FedPAC, "lam"): d.fedpac_lambda,
+        (S.DeltaStrategy, "min_replies"): d.min_replies,
+        (S.DeltaStrategy, "min_nodes"): d.min_nodes,
+        (S.DeltaStrategy, "min_node_fraction"): d.min_node_fraction,
+        (S.DeltaStrategy, "node_wait"): d.node_wait,
+    }
+    for (cls, name), want in pairs.items():
+        assert kw(cls, name) == want, (cls.__name__, name)
+
+    # a factory given no options builds the same strategy as one given the dataclass's values
+    common = registry.common_options({})
+    assert (common["min_replies"], common["min_nodes"], common["min_node_fraction"], common["node_wait"]) == (
+        d.min_replies,
+        d.min_nodes,
+        d.min_node_fraction,
+        d.node_wait,
+    )
+    fedld = registry.make_strategy("fedld", {})
+    assert (fedld.k_proportion, fedld.margin_lambda) == (d.k_proportion, d.margin_lambda)
+    assert registry.make_strategy("fedprox", {}).client_config()["proximal-mu"] == d.proximal_mu
+
+    client = {
+        "lr": d.lr,
+        "momentum": d.momentum,
+        "weight-decay": d.weight_decay,
+        "batch-size": d.batch_size,
+        "local-epochs": d.local_epochs,
+        "moon-mu": d.moon_mu,
+        "moon-tau": d.moon_tau,
+        "fedpac-lambda": d.fedpac_lambda,
+    }
+    assert {k: client_app.DEFAULTS[k] for k in client} == client
+
+    spec, back = TaskSpec(), TaskSpec.from_config({})
+    assert spec == back
+    assert (spec.dataset, spec.num_partitions, spec.beta, spec.seed, spec.min_partition_size) == (
+        d.dataset,
+        d.clients,
+        d.beta,
+        d.first_seed,
+        d.min_partition_size,
+    )
+    assert (spec.model, spec.pretrained, spec.image_size, spec.weights, spec.sslfl_split) == (
+        d.model,
+        d.pretrained,
+        d.image_size,
+        d.weights,
+        d.sslfl_split,
+    )

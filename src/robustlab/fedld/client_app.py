@@ -49,6 +49,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from robustlab.fedld.config import ExperimentConfig
 from robustlab.fedld.protocol import (
     FEDPAC,
     FEDPAC_COUNT,
@@ -68,18 +69,22 @@ from robustlab.runs import atomic_write_bytes
 
 app = ClientApp()
 
+_D = ExperimentConfig()
+#: what a key missing from the round's ConfigRecord falls back to (the strategies always send the local
+#: algorithm's keys): the shared settings from :class:`~robustlab.fedld.config.ExperimentConfig`; the
+#: regularisers off unless a strategy turns them on; FedPAC's head phase as the official code runs it
 DEFAULTS: dict[str, Any] = {
-    "lr": 0.01,
-    "momentum": 0.5,
-    "weight-decay": 5e-4,
-    "batch-size": 50,
-    "local-epochs": 1,
+    "lr": _D.lr,
+    "momentum": _D.momentum,
+    "weight-decay": _D.weight_decay,
+    "batch-size": _D.batch_size,
+    "local-epochs": _D.local_epochs,
     "margin-lambda": 0.0,
     "proximal-mu": 0.0,
     "local-algorithm": "sgd",
-    "moon-mu": 1.0,
-    "moon-tau": 0.5,
-    "fedpac-lambda": 1.0,
+    "moon-mu": _D.moon_mu,
+    "moon-tau": _D.moon_tau,
+    "fedpac-lambda": _D.fedpac_lambda,
     "fedpac-head-lr": 0.1,
     "fedpac-head-epochs": 1,
 }

@@ -57,21 +57,22 @@ class TaskSpec:
         """Rebuild the spec from a ConfigRecord; a node's ``data-dir`` / ``num-partitions`` take precedence
         (a real SuperNode knows where its data is)."""
         node_config = node_config or {}
+        d = cls()  # a key the config lacks keeps the spec's default
         get = lambda k, default: config.get(f"task-{k}", default)  # noqa: E731
         data_dir = str(node_config.get("data-dir", "") or get("data-dir", "")) or None
-        num = int(node_config.get("num-partitions", get("num-partitions", 5)))
+        num = int(node_config.get("num-partitions", get("num-partitions", d.num_partitions)))
         return cls(
-            dataset=str(get("dataset", "retinamnist")),
+            dataset=str(get("dataset", d.dataset)),
             data_dir=data_dir,
             num_partitions=num,
-            beta=float(get("beta", 0.5)),
-            seed=int(get("seed", 0)),
-            min_partition_size=int(get("min-partition-size", 10)),
-            model=str(get("model", "cnn")),
-            pretrained=bool(get("pretrained", False)),
-            image_size=int(get("image-size", 0)),
-            weights=str(get("weights", "")),
-            sslfl_split=str(get("sslfl-split", "split_1")),
+            beta=float(get("beta", d.beta)),
+            seed=int(get("seed", d.seed)),
+            min_partition_size=int(get("min-partition-size", d.min_partition_size)),
+            model=str(get("model", d.model)),
+            pretrained=bool(get("pretrained", d.pretrained)),
+            image_size=int(get("image-size", d.image_size)),
+            weights=str(get("weights", d.weights)),
+            sslfl_split=str(get("sslfl-split", d.sslfl_split)),
         )
 
 
