@@ -66,7 +66,7 @@ LABELS = {
     "fedld-pg": "FedLD: PG aggregation only",
     "fedprox": "FedProx",
     "fedbn": "FedBN",
-    "fedgh": "FedGH",
+    "fedgh": "FedGH (FedLD repo's variant)",  # svd_tools.pcgrad_hierarchy, not the FedGH paper's code
     "scaffold": "SCAFFOLD",
     "moon": "MOON",
     "fedpac": "FedPAC",
