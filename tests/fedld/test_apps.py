@@ -4,6 +4,7 @@ checked against an SGD step computed by hand in the test, and per-client state a
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +272,37 @@ def test_restarted_client_resumes_from_its_newest_state_after_a_missed_round(tmp
     live.state[key] = ArrayRecord({"x": Array(np.array([4.0]))})
     client_app._save_state(live, cfg, 0, 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p0_r3.npz", "p0_r4.npz"]  # older ones go
+
+
+def test_a_supernode_keeps_its_state_in_its_state_dir_across_a_restart(task, tmp_path):
+    """Deployment: no client-state-dir from the server, the SuperNode's own ``state-dir`` node config. A
+    node restarted before round 2 (or a run resubmitted after a killed ServerApp: a new Flower run, so an
+    empty context.state) trains round 2 exactly as the node that kept running; without the state-dir it
+    does not (MOON's previous model is gone)."""
+    torch.manual_seed(5)
+    start = copy.deepcopy(task.build_model().state_dict())
+    cfg = {"local-algorithm": "moon", "moon-mu": 1.0, "cell": "moon-0-0123abcd"}
+
+    def node(state_dir=None):
+        ctx = context(1)
+        if state_dir is not None:
+            ctx.node_config["state-dir"] = str(state_dir)
+        return ctx
+
+    live = node(tmp_path)
+    client_app.train(message(start, cfg), live)
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz")] == [
+        "moon-0-0123abcd/p1_r1.npz"
+    ]
+    r2 = {**cfg, "server-round": 2}
+    want = reply_state(client_app.train(message(start, r2), live))
+    restarted = reply_state(client_app.train(message(start, r2), node(tmp_path)))
+    forgot = reply_state(client_app.train(message(start, r2), node()))
+    assert all(torch.equal(restarted[k], want[k]) for k in want)  # bit for bit
+    assert any(not torch.equal(forgot[k], want[k]) for k in want)
+    # the server's simulation folder wins over the node's; a cell name cannot leave the node's folder
+    assert client_app._state_config({"client-state-dir": "/sim"}, {"state-dir": str(tmp_path)}) == {
+        "client-state-dir": "/sim"
+    }
+    odd = client_app._state_config({"cell": "../../etc/x"}, {"state-dir": str(tmp_path)})
+    assert Path(odd["client-state-dir"]).parent == tmp_path

@@ -21,9 +21,12 @@ Training config keys (all optional except the data keys; defaults are the paper'
 =====================  ======================================================================
 
 Per-client state lives in ``context.state`` (SCAFFOLD's ``c_i``, MOON's previous local model, FedBN's
-local BatchNorm, FedPAC's personalised head). When the config names a ``client-state-dir`` (the simulation experiments do) the state is
-also written there after every round, keyed by partition and round, so a killed and resumed simulation
-continues with the same client state.
+local BatchNorm, FedPAC's personalised head). When the config names a ``client-state-dir`` (the simulation
+experiments do) the state is also written there after every round, keyed by partition and round, so a
+killed and resumed simulation continues with the same client state. In a real deployment a SuperNode keeps
+its own: ``--node-config "... state-dir=DIR"`` (a folder on that site), one subfolder per cell (the
+server's ``cell``: method, seed and a fingerprint of the run's settings), so a node restarted, or a run
+resubmitted after a killed ServerApp (a new Flower run: empty ``context.state``), continues from it.
 
 The partition comes from the node config: ``partition-id`` and ``num-partitions`` (set automatically by the
 simulation engine; passed with ``--node-config`` to ``flower-supernode`` in a real deployment; a real
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -123,6 +127,16 @@ def _maybe_fault(config: Mapping[str, Any], partition_id: int, server_round: int
 
 
 # --------------------------------------------------------------------------- client state
+
+
+def _state_config(config: dict[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with its client-state folder: the server's ``client-state-dir`` (the simulation's), else
+    the SuperNode's own ``state-dir`` node config, in a subfolder named after the cell (characters outside
+    ``[A-Za-z0-9_-]`` replaced: the name comes from the server and must stay inside that folder)."""
+    if config.get("client-state-dir") or not node_config.get("state-dir"):
+        return config
+    cell = re.sub(r"[^A-Za-z0-9_-]", "_", str(config.get("cell", ""))) or "run"
+    return {**config, "client-state-dir": str(Path(str(node_config["state-dir"])).expanduser() / cell)}
 
 
 def _state_path(config: Mapping[str, Any], partition_id: int, server_round: int) -> Path | None:
@@ -527,6 +541,7 @@ def settle_scaffold(context: Context, config: Mapping[str, Any], partition_id: i
 
 def _task_for(msg: Message, context: Context) -> tuple[Task, dict[str, Any], int]:
     config = dict(msg.content["config"]) if "config" in msg.content else {}
+    config = _state_config(config, context.node_config)
     spec = TaskSpec.from_config(config, context.node_config)
     return load_task(spec), config, int(context.node_config["partition-id"])
 

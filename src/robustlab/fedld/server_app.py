@@ -34,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from robustlab.fedld.protocol import arrays_to_numpy, numpy_to_arrays
 from robustlab.fedld.task import Task, load_task
-from robustlab.runs import atomic_write_bytes, atomic_write_json, to_jsonable
+from robustlab.runs import atomic_write_bytes, atomic_write_json, config_hash, to_jsonable
 
 log = logging.getLogger("robustlab.fedld")
 
@@ -239,7 +239,8 @@ def main(grid: Grid, context: Context) -> None:
         "weight-decay": cfg.weight_decay,
         "batch-size": cfg.batch_size,
         "local-epochs": cfg.local_epochs,
-        "cell": f"{cfg.method}-{cfg.first_seed}",
+        # names the SuperNodes' state-dir subfolder: another method, seed or setting never shares it
+        "cell": f"{cfg.method}-{cfg.first_seed}-{config_hash(_app_config_record(cfg))[:12]}",
     }
     out = Path(cfg.out) if cfg.out else None
     checkpoint = None
