@@ -322,8 +322,8 @@ def cells_block(folders: list[Path]) -> str:
     return f"{total} finished cells in {len(lines)} folders (method: seeds)\n\n" + "\n".join(lines) + "\n"
 
 
-def _sec(x: float) -> str:
-    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+def _sec(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if x < 10 else f"{x:.1f}"
 
 
 def bench_block(path: Path) -> str:
@@ -335,10 +335,7 @@ def bench_block(path: Path) -> str:
     med, ratio, load = r["median_seconds"], r["ratio_fedld_over_fedavg"], r["load_average_1min"]
 
     def spread(name: str) -> str:
-        return ", ".join(
-            f"{x['seconds']:.2f}" if x["seconds"] < 10 else f"{x['seconds']:.1f}"
-            for x in r["per_round"][name]
-        )
+        return ", ".join(_sec(x["seconds"], 2) for x in r["per_round"][name])
 
     rows = [
         [part, _sec(med["fedavg"][key]), _sec(med["fedld"][key]), f"{ratio[key]:.2f}"]
