@@ -148,34 +148,34 @@ def test_bad_cells_are_user_errors(setup, tmp_path):
         Q.run_quick_demo(tmp_path / "o", Q.QuickDemoConfig(cell=str(tmp_path / "c")))
 
 
-def test_auto_judge_falls_back_to_the_embedding_judge_when_minilm_ft_is_not_cached(
-    setup, tmp_path, monkeypatch, shared_data
+def test_auto_judge_falls_back_to_the_committed_embedding_judge_when_minilm_ft_is_not_cached(
+    setup, tmp_path, monkeypatch
 ):
     """On an uncached machine the demo must not spend ~45 min training minilm-ft: ``auto`` scores with the
-    (cached) embedding judge, says so, and labels every score with the judge that made it."""
-    from robustlab.antidote.embedding_judge import EmbeddingJudge, train_embedding_judge
+    committed embedding judge, says so, and labels every score with the judge that made it."""
+    from robustlab.antidote.embedding_judge import EmbeddingJudge
     from robustlab.antidote.reproduce import demo_section
+    from robustlab.claims import results_dir
     from robustlab.report import Report
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("ROBUSTLAB_CACHE", str(cache))
-    judge, report = train_embedding_judge(shared_data, seed=0, max_train=60, max_heldout=30, max_eval=0)
-    (cache / "judges").mkdir(parents=True)
-    judge.save(cache / "judges" / "embedding_judge.json")
-    (cache / "judges" / "embedding_judge_report.json").write_text(json.dumps(report.to_dict()))
+    monkeypatch.setenv("ROBUSTLAB_CACHE", str(tmp_path / "empty-cache"))
+    committed = results_dir("antidote") / "judge" / Q.EMBEDDING_JUDGE
+    report = json.loads((results_dir("antidote") / "protocol" / "embedding_judge_report.json").read_text())
+    loaded = EmbeddingJudge.load(committed)
+    assert loaded.meta["agreement"] == pytest.approx(report["agreement"])
+    assert loaded.meta["n_train"] == report["n_train"]
     cell = setup / "cell"  # the committed-style cell of the first test
     lines: list[str] = []
     res = Q.run_quick_demo(tmp_path / "o", demo_cfg(cell, n_realign=None), log=lines.append)
-    assert res["judge"] == "embedding" and res["judge_agreement"] == pytest.approx(report.agreement)
+    assert res["judge"] == "embedding" and res["judge_agreement"] == pytest.approx(report["agreement"])
     assert any("minilm-ft judge not cached" in line for line in lines)
-    loaded = EmbeddingJudge.load(cache / "judges" / "embedding_judge.json")
+    assert not (tmp_path / "empty-cache" / "judges").exists()  # nothing trained
     point = json.loads((tmp_path / "o" / "points" / "attacked.json").read_text())
     raw = [a["prompt"] for a in point["answers_harmful"]]
     answers = [a["answer"] for a in point["answers_harmful"]]
-    assert [a["harmful"] for a in point["answers_harmful"]] == loaded.harmful(raw, answers)
-    assert "hs_minilm-ft" not in point and point["hs_embedding"] == pytest.approx(
-        100 * sum(loaded.harmful(raw, answers)) / len(raw)
-    )
+    flags = loaded.harmful(raw, answers)
+    assert [a["harmful"] for a in point["answers_harmful"]] == flags
+    assert "hs_minilm-ft" not in point and point["hs_embedding"] == pytest.approx(100 * sum(flags) / len(raw))
     rep = Report("t")
     rep.add(demo_section(res, "quick", 0))
     assert "HS embedding %" in rep.to_markdown()

@@ -4,8 +4,8 @@ aligned -> attacked -> Antidote, with real greedy answers to held-out BeaverTail
 
 The judge (``judge="auto"``, the default) is ``minilm-ft`` when it is cached. On a machine where it is not,
 training it takes about 45 minutes on two cores, far over the demo's budget, so ``auto`` scores with the
-embedding judge instead (MiniLM embeddings + logistic regression, trained in about a minute and cached),
-and says so; ``judge="minilm-ft"`` (``--full``) trains the validated judge once when it is missing.
+embedding judge instead (MiniLM embeddings + logistic regression; its weights are committed in
+``results/antidote/judge/embedding_judge.json``, held-out agreement 0.769 against minilm-ft's 0.791), and says so; ``judge="minilm-ft"`` (``--full``) trains the validated judge once when it is missing.
 
 ``--quick`` starts from the seed-0 LoRA adapters that the protocol run committed (the alignment adapter and
 the harmful fine-tuning adapter, ``results/antidote/smollm2-135m-instruct/adapters-seed0``), on that run's
@@ -152,14 +152,14 @@ def train_adapters(pcfg: Any, data: Any, out: Path, log: Callable[[str], None]) 
 
 
 JUDGE_CHOICES = ("auto", "minilm-ft", "embedding")
+EMBEDDING_JUDGE = "embedding_judge.json"
 
 
 def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, float | None]:
     """``(name, judge, held-out agreement)`` for ``choice`` (:data:`JUDGE_CHOICES`): the cached ``minilm-ft``
     judge (trained once, with one torch thread, when ``choice`` is ``minilm-ft`` and it is missing), or the
-    embedding judge (trained and cached beside it in about a minute)."""
+    embedding judge (committed with the results; else trained once and cached beside ``minilm-ft``)."""
     from robustlab.antidote.finetuned_judge import build_judge, default_judge_dir, load_finetuned_judge
-    from robustlab.runs import atomic_write_json, read_json
 
     if choice not in JUDGE_CHOICES:
         raise UserError(f"unknown quick-demo judge {choice!r}", f"use one of {', '.join(JUDGE_CHOICES)}")
@@ -179,20 +179,22 @@ def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, floa
         report = (judge.meta.get("report") or {}).get("heldout", {}).get("minilm-ft", {})
         return "minilm-ft", judge, report.get("agreement")
     from robustlab.antidote.embedding_judge import EmbeddingJudge, train_embedding_judge
+    from robustlab.claims import results_dir
 
-    path = default_judge_dir().parent / "embedding_judge.json"
     if choice == "auto":
         log(
             "minilm-ft judge not cached: scoring with the embedding judge (train the validated one once with "
             "`robustlab antidote judge train`, about 45 min on 2 cores)"
         )
+    # the committed judge (deterministic: seed 0 on the staged split; 29 KB of regression weights), else one
+    # trained once into the cache (about 5 min on one contended core)
+    path = results_dir("antidote") / "judge" / EMBEDDING_JUDGE
     if not path.is_file():
-        judge, report = train_embedding_judge(None, seed=0)
-        judge.save(path)
-        atomic_write_json(path.with_name("embedding_judge_report.json"), report.to_dict())
-    report_path = path.with_name("embedding_judge_report.json")
-    agreement = read_json(report_path).get("agreement") if report_path.is_file() else None
-    return "embedding", EmbeddingJudge.load(path), agreement
+        path = default_judge_dir().parent / EMBEDDING_JUDGE
+        if not path.is_file():
+            train_embedding_judge(None, seed=0)[0].save(path)
+    judge = EmbeddingJudge.load(path)
+    return "embedding", judge, (judge.meta or {}).get("agreement")
 
 
 def run_quick_demo(
