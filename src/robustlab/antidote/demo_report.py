@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustlab.antidote.stats import mean_ci
+from robustlab.antidote.stats import mean_ci, seed_summary
 
 #: The demo's points, in table order.
 STAGES = ("aligned", "attacked", "antidote", "random", "benign")
@@ -33,9 +33,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         groups.items(), key=lambda kv: (kv[0][0] != "-", kv[0][0], kv[0][2], order[kv[0][1]])
     ):
         row: dict[str, Any] = {"mode": mode, "stage": stage, "ratio": ratio, "seeds": len(rs)}
-        for m in (*MEASURES, "hs_embedding"):
-            if any(m in r for r in rs):
-                row[m], row[m + "_ci"] = mean_ci([r.get(m) for r in rs])
+        row |= seed_summary(rs, (*MEASURES, "hs_embedding"))
         out.append(row)
     return out
 

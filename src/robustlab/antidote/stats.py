@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from robustlab import claims
 
@@ -12,3 +12,13 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     value; missing and non-finite values are dropped), the form the demo's and sweep's tables print."""
     m, _, hi = claims.mean_ci(values)
     return m, hi - m
+
+
+def seed_summary(rows: Sequence[dict], measures: Iterable[str]) -> dict[str, float]:
+    """``{m: mean, m + "_ci": half-width}`` over ``rows`` (one per seed) for each of ``measures`` that some row
+    has (a row without it, or with None, is left out of that measure's interval)."""
+    out: dict[str, float] = {}
+    for m in measures:
+        if any(r.get(m) is not None for r in rows):
+            out[m], out[m + "_ci"] = mean_ci([r.get(m) for r in rows])
+    return out

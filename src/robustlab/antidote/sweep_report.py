@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustlab.antidote.stats import mean_ci
+from robustlab.antidote.stats import seed_summary
 
 MEASURES = (
     "hs_refusal",
@@ -36,9 +36,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
             "epochs": ep,
             "seeds": len(rs),
         }
-        for m in sorted({k for r in rs for k in r if k.startswith("hs_")} | set(MEASURES)):
-            if any(r.get(m) is not None for r in rs):
-                row[m], row[m + "_ci"] = mean_ci([r.get(m) for r in rs])
+        row |= seed_summary(rs, sorted({k for r in rs for k in r if k.startswith("hs_")} | set(MEASURES)))
         out.append(row)
     return out
 
