@@ -137,3 +137,53 @@ def test_frozen_protocol_slices_are_disjoint_by_prompt() -> None:
                 "aux": data.harmful_aux,
             }
         )
+
+
+def test_realign_and_reuse_copies_the_aligned_point_only_for_a_bit_identical_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from robustlab.antidote import pipeline
+
+    mcfg = load_method_config(None, P.cell_overrides(frozen(), "sft", 1e-3, 4, 0))
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+
+    def fake_align(cfg, run, data, params, echo):  # the stage's output: its adapter
+        (run.path / "stages" / "aligned-adapter").mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(run.path / "stages" / "aligned-adapter" / "adapter_model.safetensors"))
+        return str(run.path / "stages" / "aligned")
+
+    monkeypatch.setattr(pipeline, "align_stage", fake_align)
+    monkeypatch.setattr(pipeline, "pipeline_data", lambda cfg: None)
+    committed = tmp_path / "adapter"
+    committed.mkdir()
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(committed / "adapter_model.safetensors"))
+    donor_cfg = P.cell_overrides(frozen(), "sft", 1e-3, 2, 0)  # another fine-tuning, same alignment
+    donor = tmp_path / "donor"
+    (donor / "cells").mkdir(parents=True)
+    from dataclasses import asdict
+
+    from robustlab.runs import to_jsonable
+
+    (donor / "config.yaml").write_text(
+        yaml.safe_dump(to_jsonable(asdict(load_method_config(None, donor_cfg).pipeline)))
+    )
+    (donor / "cells" / "stage=eval__point=aligned.json").write_text(json.dumps({"hs_embedding": 37.5}))
+
+    out = P.realign_and_reuse(tmp_path / "run", mcfg, committed, donor, echo=lambda m: None)
+    assert out["tensors_equal"] and out["same_settings"] and out["reused"]
+    row = json.loads((tmp_path / "run" / "cells" / "stage=eval__point=aligned.json").read_text())
+    assert row["hs_embedding"] == 37.5 and row["reused"]["sha256_ours"] == row["reused"]["sha256_committed"]
+
+    weights["w"] = weights["w"].clone()
+    weights["w"][1, 2] += 1e-6  # one entry off: the point is evaluated again, not copied
+    out = P.realign_and_reuse(tmp_path / "run2", mcfg, committed, donor, echo=lambda m: None)
+    assert not out["tensors_equal"] and not out["reused"]
+    assert not (tmp_path / "run2" / "cells" / "stage=eval__point=aligned.json").exists()
+
+    other = load_method_config(None, {**P.cell_overrides(frozen(), "sft", 1e-3, 4, 0), "seed": 1})
+    weights["w"] = torch.arange(6.0).reshape(2, 3)
+    out = P.realign_and_reuse(tmp_path / "run3", other, committed, donor, echo=lambda m: None)
+    assert out["tensors_equal"] and not out["same_settings"] and not out["reused"]

@@ -3,7 +3,9 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
 
-PLAN: ``export`` (export the evaluated points of unfinished cells), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot`` (the candidate settings of ``pilot.yaml`` on the pilot seed, no re-alignment), ``main`` (SFT +
+PLAN: ``export`` (export the evaluated points of unfinished cells), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
+re-alignment; the alignment stage is re-run and, when its adapter is bit-identical to the committed seed's,
+the committed aligned point is reused), ``main`` (SFT +
 Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
 and the longer run, seed 0), ``baselines`` (every baseline at the frozen settings, seed 0), or a
 comma-separated list of ``method:seed[:lr[:epochs]]``.
@@ -83,6 +85,24 @@ def export_seed_adapters(frozen: dict, model: str, seed: int, runs: Path) -> Non
     print(f"adapters of {run.name} -> {dest.relative_to(ROOT)}")
 
 
+def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Path) -> None:
+    """Before a pilot candidate runs: re-run its alignment stage and reuse the committed aligned point of
+    the first pilot candidate when the adapter is bit-identical to the committed seed's
+    (:func:`robustlab.antidote.protocol.realign_and_reuse`)."""
+    from robustlab.antidote.baselines_pipeline import load_method_config
+    from robustlab.antidote.protocol import cell_name, cell_overrides, realign_and_reuse
+
+    method, seed, lr, epochs = cell
+    mcfg = load_method_config(None, cell_overrides(frozen, method, lr, epochs, seed))
+    ft = mcfg.pipeline.finetune.train
+    run = runs / f"pilot-{cell_name(method, ft.lr, ft.epochs, seed)}"
+    adapter = ROOT / "results" / "antidote" / model / f"adapters-seed{seed}" / "aligned"
+    donors = [d for d in sorted(results.glob(f"pilot-*_seed{seed}")) if d.name != run.name]
+    if (run / "cells" / "stage=align.json").is_file() or not donors or not adapter.is_dir():
+        return
+    realign_and_reuse(run, mcfg, adapter, donors[0], echo=lambda msg: print(msg, flush=True), root=ROOT)
+
+
 def export_unfinished(runs: Path, results: Path) -> None:
     """Export the evaluated points of every cell that did not finish (the session's deadline), marked
     ``complete: false`` in its timing.json; finished cells are left as they are."""
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("plan")
     ap.add_argument("--settings", default=None, help="settings file beside this script (default by plan)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "protocol")
+    ap.add_argument("--candidate", type=int, default=1, help="pilot: the candidate's number in pilot.yaml")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     quiet_transformers()
@@ -128,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     model = frozen.pop("model")
     adapters_seed = frozen.pop("adapters_seed", None)
     plan = frozen.pop("plan", {})
+    candidates = frozen.pop("candidates", None)
     if args.plan == "export":
         export_unfinished(args.runs / model, ROOT / "results" / "antidote" / model)
         return None
@@ -135,8 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         export_seed_adapters(frozen, model, int(adapters_seed), args.runs / model)
         return None
     if args.plan == "pilot":
-        cells = [("sft", int(frozen.get("seed", 0)), None, None)]
+        if not candidates or not 1 <= args.candidate <= len(candidates):
+            raise SystemExit(f"--candidate must be 1..{len(candidates or [])} (pilot.yaml candidates)")
+        c = candidates[args.candidate - 1]
+        cells = [("sft", int(frozen.get("seed", 0)), float(c["lr"]), float(c["epochs"]))]
         results = HERE / "pilot" / model
+        reuse_aligned(frozen, model, cells[0], args.runs / model, results)
     else:
         cells = plan_cells(args.plan, {**frozen, "plan": plan})
         results = ROOT / "results" / "antidote" / model

@@ -308,6 +308,34 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def align_stage(cfg: PipelineConfig, run: Any, data: Any, params: DefenceParams, echo: Any = print) -> str:
+    """The alignment stage of :func:`run_pipeline` into the open run folder ``run`` (skipped when its cell
+    exists): ``stages/aligned`` (merged) and, with LoRA, ``stages/aligned-adapter``. Returns the aligned
+    model's folder (the base when ``align.skip``)."""
+    from robustlab.antidote.models import load_model
+    from robustlab.runs import cell_key
+
+    if cfg.align.skip:
+        return cfg.base
+    stages = run.path / "stages"
+    aligned_dir = stages / "aligned"
+    if not run.is_done(cell_key(stage="align")):
+        echo("align: training")
+        model, tokenizer = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code)
+        tcfg = dataclasses.replace(cfg.align.train, seed=cfg.seed)
+        model, res = run_stage(cfg.align.method, model, tokenizer, data.alignment, tcfg, data, params)
+        if tcfg.mode == "lora":
+            # the alignment adapter itself (a few MB) is kept beside the merged model, to be shared
+            save_checkpoint(model, tokenizer, stages / "aligned-adapter")
+            model = model.merge_and_unload()  # the official code merges the alignment adapter first
+        save_checkpoint(model, tokenizer, aligned_dir)
+        run.save(
+            cell_key(stage="align"), {"steps": res.steps, "loss_last": res.losses[-1], "seconds": res.seconds}
+        )
+        run.log(stage="align", steps=res.steps, loss_last=res.losses[-1], seconds=res.seconds)
+    return str(aligned_dir)
+
+
 def run_pipeline(
     cfg: PipelineConfig, out: str | Path, echo: Any = print, params: DefenceParams | None = None
 ) -> dict[str, Any]:
@@ -375,26 +403,7 @@ def run_pipeline(
         return row
 
     # 1. alignment -------------------------------------------------------------------------------------
-    aligned_dir = stages / "aligned"
-    if cfg.align.skip:
-        aligned_src = cfg.base
-    else:
-        aligned_src = str(aligned_dir)
-        if not run.is_done(cell_key(stage="align")):
-            echo("align: training")
-            model, tokenizer = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code)
-            tcfg = dataclasses.replace(cfg.align.train, seed=cfg.seed)
-            model, res = run_stage(cfg.align.method, model, tokenizer, data.alignment, tcfg, data, params)
-            if tcfg.mode == "lora":
-                # the alignment adapter itself (a few MB) is kept beside the merged model, to be shared
-                save_checkpoint(model, tokenizer, stages / "aligned-adapter")
-                model = model.merge_and_unload()  # the official code merges the alignment adapter first
-            save_checkpoint(model, tokenizer, aligned_dir)
-            run.save(
-                cell_key(stage="align"),
-                {"steps": res.steps, "loss_last": res.losses[-1], "seconds": res.seconds},
-            )
-            run.log(stage="align", steps=res.steps, loss_last=res.losses[-1], seconds=res.seconds)
+    aligned_src = align_stage(cfg, run, data, params, echo)
     model, tokenizer = load_model(aligned_src, trust_remote_code=cfg.trust_remote_code)
     rows = [
         record(

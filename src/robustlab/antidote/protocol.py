@@ -122,6 +122,69 @@ def share_stages(run: Path, mcfg: Any, runs_root: Path) -> dict[str, str]:
     return shared
 
 
+def _align_part(config: dict) -> str:
+    """What the aligned model and its evaluation depend on, from a run's config mapping."""
+    keys = ("base", "seed", "data", "align", "evaluate")
+    return json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
+
+
+def realign_and_reuse(
+    run: Path, mcfg: Any, adapter: Path, donor: Path, echo: Any = print, root: Path | None = None
+) -> dict:
+    """Re-run the alignment stage of ``run`` (:func:`robustlab.antidote.pipeline.align_stage`) and, when its
+    LoRA adapter is bit-identical to the committed ``adapter`` (``adapter_model.safetensors``: every tensor
+    equal) and the committed cell ``donor`` has the same alignment and evaluation settings, copy ``donor``'s
+    aligned evaluation point into ``run`` (the same model on the same prompts with greedy decoding), noted
+    in the point as ``reused`` (paths relative to ``root`` when given); otherwise the pipeline evaluates
+    it. Returns the comparison."""
+    import hashlib
+    from dataclasses import asdict
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from robustlab.antidote.pipeline import align_stage, pipeline_data
+    from robustlab.runs import RunDir, cell_key, seed_everything, to_jsonable
+
+    cfg = mcfg.pipeline
+    rd = RunDir.open(run, asdict(cfg), seed=cfg.seed)
+    (rd.path / "stages").mkdir(exist_ok=True)
+    seed_everything(cfg.seed)
+    align_stage(cfg, rd, pipeline_data(cfg), mcfg.defences.validate(), echo)
+    ours, theirs = (
+        run / "stages" / "aligned-adapter" / "adapter_model.safetensors",
+        adapter / "adapter_model.safetensors",
+    )
+    a, b = load_file(str(ours)), load_file(str(theirs))
+    equal = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in a)
+    donor_cfg = yaml.safe_load((donor / "config.yaml").read_text(encoding="utf-8"))
+    same = _align_part(donor_cfg) == _align_part(to_jsonable(asdict(cfg)))
+
+    def name(p: Path) -> str:
+        return str(p.resolve().relative_to(root.resolve())) if root is not None else str(p)
+
+    out = {
+        "adapter": name(theirs),
+        "tensors_equal": equal,
+        "sha256_ours": hashlib.sha256(ours.read_bytes()).hexdigest(),
+        "sha256_committed": hashlib.sha256(theirs.read_bytes()).hexdigest(),
+        "same_settings": same,
+        "donor": name(donor),
+    }
+    key = cell_key(stage="eval", point="aligned")
+    out["reused"] = equal and same and not rd.is_done(key)
+    if out["reused"]:
+        row = json.loads((donor / "cells" / f"{key}.json").read_text(encoding="utf-8"))
+        row["reused"] = {k: v for k, v in out.items() if k != "reused"}
+        rd.save(key, row)
+    (run / "aligned_reuse.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    echo(
+        f"{run.name}: alignment re-run, adapter {'bit-identical to' if equal else 'DIFFERS from'} {theirs}"
+        + ("; aligned point reused from the committed cell" if out["reused"] else "")
+    )
+    return out
+
+
 def export_adapters(run: Path, dest: Path, note: dict) -> Path:
     """Copy a run's alignment and fine-tuning LoRA adapters (safetensors + adapter config) into
     ``dest/{aligned,finetuned}`` with ``dest/adapters.json`` (``note``: the base and the settings that made
@@ -151,7 +214,14 @@ def export_cell(run: Path, dest: Path, extra: dict | None = None) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "cells").mkdir(parents=True)
-    for name in ("config.yaml", "env.json", "method.json", "metrics.jsonl", "results.md"):
+    for name in (
+        "config.yaml",
+        "env.json",
+        "method.json",
+        "metrics.jsonl",
+        "results.md",
+        "aligned_reuse.json",
+    ):
         if (run / name).is_file():
             shutil.copy2(run / name, tmp / name)
     for cell in sorted((run / "cells").glob("*.json")):
