@@ -1,7 +1,7 @@
 """Rescore every committed protocol cell from its stored answers with the fine-tuned MiniLM judge
 (``minilm-ft``, trained once by ``robustlab antidote judge train``), and commit its held-out report beside.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/rescore.py
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/rescore.py [CELL_FOLDER ...]
 
 Adds ``hs_minilm-ft`` to every evaluated point (the pipeline's own judges' scores stay); the tables then
 lead with it (robustlab.antidote.protocol_report.JUDGE_ORDER).
@@ -10,6 +10,7 @@ lead with it (robustlab.antidote.protocol_report.JUDGE_ORDER).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ def main() -> None:
     (HERE / "minilm_ft_judge_report.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     folders = sorted({t.parent for t in (ROOT / "results" / "antidote").glob("*/*/timing.json")})
     folders += sorted({t.parent for t in (HERE / "pilot").glob("*/*/timing.json")})
+    if len(sys.argv) > 1:  # only the cell folders given
+        folders = [f for f in folders if any(f.resolve() == Path(a).resolve() for a in sys.argv[1:])]
     for folder in folders:
         n = rescore_cell(folder, "minilm-ft", judge, note)
         print(f"{folder.relative_to(ROOT)}: {n} points rescored", flush=True)

@@ -85,7 +85,7 @@ def export_seed_adapters(frozen: dict, model: str, seed: int, runs: Path) -> Non
     print(f"adapters of {run.name} -> {dest.relative_to(ROOT)}")
 
 
-def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Path) -> None:
+def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Path, prefix: str) -> None:
     """Before a pilot candidate runs: re-run its alignment stage and reuse the committed aligned point of
     the first pilot candidate when the adapter is bit-identical to the committed seed's
     (:func:`robustlab.antidote.protocol.realign_and_reuse`)."""
@@ -95,7 +95,7 @@ def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Pa
     method, seed, lr, epochs = cell
     mcfg = load_method_config(None, cell_overrides(frozen, method, lr, epochs, seed))
     ft = mcfg.pipeline.finetune.train
-    run = runs / f"pilot-{cell_name(method, ft.lr, ft.epochs, seed)}"
+    run = runs / f"{prefix}{cell_name(method, ft.lr, ft.epochs, seed)}"
     adapter = ROOT / "results" / "antidote" / model / f"adapters-seed{seed}" / "aligned"
     donors = [d for d in sorted(results.glob(f"pilot-*_seed{seed}")) if d.name != run.name]
     if (run / "cells" / "stage=align.json").is_file() or not donors or not adapter.is_dir():
@@ -160,9 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         if not candidates or not 1 <= args.candidate <= len(candidates):
             raise SystemExit(f"--candidate must be 1..{len(candidates or [])} (pilot.yaml candidates)")
         c = candidates[args.candidate - 1]
+        if "n" in c:  # a candidate with another fine-tuning set size (the amendment in pilot.yaml)
+            frozen["data"]["n"] = int(c["n"])
+        prefix = "pilot-" + (f"n{int(c['n'])}-" if "n" in c else "")
         cells = [("sft", int(frozen.get("seed", 0)), float(c["lr"]), float(c["epochs"]))]
         results = HERE / "pilot" / model
-        reuse_aligned(frozen, model, cells[0], args.runs / model, results)
+        reuse_aligned(frozen, model, cells[0], args.runs / model, results, prefix)
     else:
         cells = plan_cells(args.plan, {**frozen, "plan": plan})
         results = ROOT / "results" / "antidote" / model
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             epochs=epochs,
             echo=lambda msg: print(msg, flush=True),
             embedding_judge=judge,
-            prefix="pilot-" if args.plan == "pilot" else "",
+            prefix=prefix if args.plan == "pilot" else "",
         )
 
 
