@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         c = candidates[args.candidate - 1]
         if "n" in c:  # a candidate with another fine-tuning set size (the amendment in pilot.yaml)
             frozen["data"]["n"] = int(c["n"])
-        prefix = "pilot-" + (f"n{int(c['n'])}-" if "n" in c else "")
+        # a candidate with other data settings (e.g. the alignment set) carries a tag for its run folder
+        frozen["data"].update(c.get("data", {}))
+        prefix = "pilot-" + (f"n{int(c['n'])}-" if "n" in c else "") + (f"{c['tag']}-" if "tag" in c else "")
         cells = [("sft", int(frozen.get("seed", 0)), float(c["lr"]), float(c["epochs"]))]
         results = HERE / "pilot" / model
         reuse_aligned(frozen, model, cells[0], args.runs / model, results, prefix)
