@@ -14,3 +14,7 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import warnings
+
+    # peft's get_peft_model reads a property transformers has deprecated (one FutureWarning per adapter)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
