@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         c = candidates[args.candidate - 1]
         if "n" in c:  # a candidate with another fine-tuning set size (the amendment in pilot.yaml)
             frozen["data"]["n"] = int(c["n"])
-        # a candidate with other data settings (e.g. the alignment set) carries a tag for its run folder
+        # a candidate with other data or alignment settings carries a tag for its run folder
         frozen["data"].update(c.get("data", {}))
+        frozen["align"]["train"].update(c.get("align", {}))
         prefix = "pilot-" + (f"n{int(c['n'])}-" if "n" in c else "") + (f"{c['tag']}-" if "tag" in c else "")
         cells = [("sft", int(frozen.get("seed", 0)), float(c["lr"]), float(c["epochs"]))]
         results = HERE / "pilot" / model
