@@ -26,7 +26,6 @@ JUDGE = "embedding"
 
 def main() -> int:
     frozen = yaml.safe_load((HERE / "frozen.yaml").read_text(encoding="utf-8"))
-    ft = frozen["finetune"]["train"]
     lines = [
         "# Pilot (seed 0): the aligned and attacked models alone",
         "",
@@ -40,17 +39,28 @@ def main() -> int:
     chosen = None
     notes: set[str] = set()
     pilot = yaml.safe_load((HERE / "pilot.yaml").read_text(encoding="utf-8"))
-    declared = [
-        (float(c["lr"]), float(c["epochs"]), int(c.get("n", pilot["data"]["n"]))) for c in pilot["candidates"]
-    ]
 
-    def setting(folder: Path) -> tuple[float, float, int]:
-        c = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    def key(cfg: dict) -> tuple[float, float, int, bool, float]:
+        """(attack lr, attack epochs, n, refusal alignment, alignment epochs) of a settings mapping."""
         return (
-            float(c["finetune"]["train"]["lr"]),
-            float(c["finetune"]["train"]["epochs"]),
-            int(c["data"]["n"]),
+            float(cfg["finetune"]["train"]["lr"]),
+            float(cfg["finetune"]["train"]["epochs"]),
+            int(cfg["data"]["n"]),
+            bool(cfg["data"].get("align_with_refusals", False)),
+            float(cfg["align"]["train"]["epochs"]),
         )
+
+    def candidate(c: dict) -> dict:  # pilot.yaml's settings with candidate c's overrides
+        return {
+            "finetune": {"train": {**pilot["finetune"]["train"], "lr": c["lr"], "epochs": c["epochs"]}},
+            "data": {**pilot["data"], **c.get("data", {}), **({"n": c["n"]} if "n" in c else {})},
+            "align": {"train": {**pilot["align"]["train"], **c.get("align", {})}},
+        }
+
+    declared = [key(candidate(c)) for c in pilot["candidates"]]
+
+    def setting(folder: Path) -> tuple[float, float, int, bool, float]:
+        return key(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))
 
     def order(folder: Path) -> int:  # the declared order decides which passing candidate is first
         return declared.index(setting(folder))
@@ -63,8 +73,10 @@ def main() -> int:
         at = json.loads((cells / "stage=eval__point=finetuned.json").read_text(encoding="utf-8"))
         sa = json.loads((cells / "stage=align.json").read_text(encoding="utf-8"))
         sf = json.loads((cells / "stage=finetune.json").read_text(encoding="utf-8"))
-        lr, ep, n = setting(folder)
+        lr, ep, n, refusals, align_ep = setting(folder)
         label = f"{order(folder) + 1}: n {n} ({round(n * pilot['data']['harmful_ratio'])} harmful), lr {lr:g}, {ep:g} epochs"
+        if refusals:
+            label += f"; alignment with refusals, {align_ep:g} epoch{'s' if align_ep != 1 else ''}"
         gap = at[f"hs_{JUDGE}"] - al[f"hs_{JUDGE}"]
         ok = at["fa"] >= MIN_FA and gap >= MIN_GAP
         ft_al, ft_at = al.get("hs_minilm-ft"), at.get("hs_minilm-ft")
@@ -88,8 +100,8 @@ def main() -> int:
                 f"prompts, greedy) is the committed one of `{Path(al['reused']['donor']).name}`, not re-evaluated."
             )
         if ok and chosen is None:
-            chosen = (lr, ep, n)
-    frozen_setting = (float(ft["lr"]), float(ft["epochs"]), int(frozen["data"]["n"]))
+            chosen = setting(folder)
+    frozen_setting = key(frozen)
     lines += [
         "",
         f"Prompts: {al.get('n_eval_harmful')} harmful (128 new tokens), {al.get('n_eval_task')} SST-2 rows. "
@@ -99,7 +111,7 @@ def main() -> int:
         "",
         "Decision: "
         + (
-            f"candidate n {chosen[2]}, lr {chosen[0]:g}, {chosen[1]:g} epochs is the first that passes"
+            f"candidate {declared.index(chosen) + 1} is the first that passes"
             + (
                 " and is the frozen setting"
                 if chosen == frozen_setting
