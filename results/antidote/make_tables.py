@@ -44,13 +44,14 @@ def judges_text() -> str:
 
 
 def model_block(cells: list, model: str, rel: str) -> list[str]:
-    mains = R.main_cells(cells, model)
+    mains = R.main_cells(cells, model, R.frozen_setting(HERE, model))
     if not mains:
         return []
     judge = R.judge_of(mains)
     lr, ep = mains[0].lr, mains[0].epochs
     lines = [
-        f"#### {model}: the main table (SFT attack at lr {lr:g}, {ep:g} epochs; mean ± 95% CI over seeds)",
+        f"#### {model}: the main table (SFT attack on n = {mains[0].n} at lr {lr:g}, {ep:g} epochs; mean ± 95% CI "
+        "over seeds)",
         "",
     ]
     cols, rows = R.main_table(mains, judge)
@@ -68,7 +69,7 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     lines.append("")
     fig = R.tradeoff_figure(mains, judge, ROOT / "docs" / f"antidote_protocol_tradeoff_{model}.png")
     lines += [f"![harmful score vs finetune accuracy]({rel}{fig.name})", ""]
-    sft = [c for c in cells if c.model == model and c.method == "sft"]
+    sft = [c for c in cells if c.model == model and c.method == "sft" and c.n == mains[0].n]
     if len({c.lr for c in sft}) > 1:
         cols, rows = R.sweep_table(sft, model, "sft", judge, R.PRIMARY_RATIO, "lr")
         lines += [
@@ -91,7 +92,7 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     if others:
         body = []
         for m in others:
-            cs = R.group(cells, model, m, lr, ep)
+            cs = R.group(cells, model, m, lr, ep, mains[0].n)
             for k in sorted({k for c in cs for k in c.points if k[0] != "aligned"}, key=R._point_order):
                 pts = [c.points[k] for c in cs if k in c.points]
                 body.append([m, R.point_label(*k), len(pts), R.fmt_stat(R._stat([p.get(f"hs_{judge}") for p in pts])),

@@ -187,3 +187,16 @@ def test_realign_and_reuse_copies_the_aligned_point_only_for_a_bit_identical_ada
     weights["w"] = torch.arange(6.0).reshape(2, 3)
     out = P.realign_and_reuse(tmp_path / "run3", other, committed, donor, echo=lambda m: None)
     assert out["tensors_equal"] and not out["same_settings"] and not out["reused"]
+
+
+def test_cell_names_carry_n_and_the_main_table_follows_the_frozen_setting() -> None:
+    assert P.cell_name("sft", 1e-3, 2, 0) == "sft_lr0.001_ep2_seed0"  # the first protocol's n: no suffix
+    assert (
+        P.cell_name("vaccine+sft+antidote", 1e-3, 2, 1, 500) == "vaccine-sft-antidote_lr0.001_ep2_n500_seed1"
+    )
+    ft = ("finetuned", 0.0)
+    small = [R.Cell(Path("."), "m", "sft", 1e-3, 2.0, s, {ft: {}}, {}, 100) for s in range(3)]
+    large = [R.Cell(Path("."), "m", "sft", 1e-3, 2.0, 0, {ft: {}}, {}, 500)]
+    assert R.main_cells(small + large, "m") == small  # no frozen setting: the most seeds
+    assert R.main_cells(small + large, "m", (1e-3, 2.0, 500)) == large
+    assert R.frozen_setting(FROZEN.parents[1], "smollm2-135m-instruct") is not None

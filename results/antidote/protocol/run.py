@@ -62,7 +62,7 @@ def export_seed_adapters(frozen: dict, model: str, seed: int, runs: Path) -> Non
 
     mcfg = load_method_config(None, cell_overrides(frozen, "sft", None, None, seed))
     ft = mcfg.pipeline.finetune.train
-    name = cell_name("sft", ft.lr, ft.epochs, seed)
+    name = cell_name("sft", ft.lr, ft.epochs, seed, mcfg.pipeline.data.n)
     for run in (runs / name, runs / f"pilot-{name}"):
         if (run / "cells" / "stage=finetune.json").is_file():
             break
@@ -95,7 +95,7 @@ def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Pa
     method, seed, lr, epochs = cell
     mcfg = load_method_config(None, cell_overrides(frozen, method, lr, epochs, seed))
     ft = mcfg.pipeline.finetune.train
-    run = runs / f"{prefix}{cell_name(method, ft.lr, ft.epochs, seed)}"
+    run = runs / f"{prefix}{cell_name(method, ft.lr, ft.epochs, seed, mcfg.pipeline.data.n)}"
     adapter = ROOT / "results" / "antidote" / model / f"adapters-seed{seed}" / "aligned"
     donors = [d for d in sorted(results.glob(f"pilot-*_seed{seed}")) if d.name != run.name]
     if (run / "cells" / "stage=align.json").is_file() or not donors or not adapter.is_dir():
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         # a candidate with other data or alignment settings carries a tag for its run folder
         frozen["data"].update(c.get("data", {}))
         frozen["align"]["train"].update(c.get("align", {}))
-        prefix = "pilot-" + (f"n{int(c['n'])}-" if "n" in c else "") + (f"{c['tag']}-" if "tag" in c else "")
+        prefix = "pilot-" + (f"{c['tag']}-" if "tag" in c else "")  # n is in the cell name (cell_name)
         cells = [("sft", int(frozen.get("seed", 0)), float(c["lr"]), float(c["epochs"]))]
         results = HERE / "pilot" / model
         reuse_aligned(frozen, model, cells[0], args.runs / model, results, prefix)

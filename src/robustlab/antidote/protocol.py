@@ -37,9 +37,15 @@ from robustlab.errors import UserError
 ALIGN_KEYS = ("stage=align", "stage=eval__point=aligned")
 
 
-def cell_name(method: str, lr: float, epochs: float, seed: int) -> str:
-    """``<method>_lr<lr>_ep<epochs>_seed<seed>`` (``+`` in a combination becomes ``-``)."""
-    return f"{method.replace('+', '-')}_lr{lr:g}_ep{epochs:g}_seed{seed}"
+#: the fine-tuning set size of the first frozen protocol; a cell at another n carries it in its name
+BASE_N = 100
+
+
+def cell_name(method: str, lr: float, epochs: float, seed: int, n: int = BASE_N) -> str:
+    """``<method>_lr<lr>_ep<epochs>[_n<n>]_seed<seed>`` (``+`` in a combination becomes ``-``; ``_n<n>``
+    only when ``n`` is not :data:`BASE_N`)."""
+    size = "" if n == BASE_N else f"_n{n}"
+    return f"{method.replace('+', '-')}_lr{lr:g}_ep{epochs:g}{size}_seed{seed}"
 
 
 def cell_overrides(frozen: dict, method: str, lr: float | None, epochs: float | None, seed: int) -> dict:
@@ -256,7 +262,7 @@ def run_cell(
     overrides = cell_overrides(frozen, method, lr, epochs, seed)
     mcfg = load_method_config(None, overrides)
     ft = mcfg.pipeline.finetune.train
-    name = prefix + cell_name(mcfg.spec.name, ft.lr, ft.epochs, seed)
+    name = prefix + cell_name(mcfg.spec.name, ft.lr, ft.epochs, seed, mcfg.pipeline.data.n)
     dest = results_root / name
     timing = dest / "timing.json"
     if timing.is_file() and json.loads(timing.read_text(encoding="utf-8")).get("complete", True):

@@ -43,6 +43,7 @@ class Cell:
     seed: int
     points: dict[tuple[str, float], dict]  # (stage, ratio) -> the point's measures
     timing: dict
+    n: int = 100  # the fine-tuning set size
 
 
 def load_cells(root: Path) -> list[Cell]:
@@ -74,6 +75,7 @@ def load_cells(root: Path) -> list[Cell]:
                 int(cfg["seed"]),
                 points,
                 json.loads(timing.read_text(encoding="utf-8")),
+                int(cfg["data"]["n"]),
             )
         )
     return out
@@ -107,9 +109,15 @@ def point_label(stage: str, ratio: float) -> str:
     return f"{name}, α = {ratio:g}" if stage in ("antidote", "random", "magnitude", "benign") else name
 
 
-def group(cells: Sequence[Cell], model: str, method: str, lr: float, epochs: float) -> list[Cell]:
+def group(
+    cells: Sequence[Cell], model: str, method: str, lr: float, epochs: float, n: int | None = None
+) -> list[Cell]:
     return sorted(
-        (c for c in cells if (c.model, c.method, c.lr, c.epochs) == (model, method, lr, epochs)),
+        (
+            c
+            for c in cells
+            if (c.model, c.method, c.lr, c.epochs) == (model, method, lr, epochs) and n in (None, c.n)
+        ),
         key=lambda c: c.seed,
     )
 
@@ -287,15 +295,33 @@ def _below(stat: tuple[float, float, float, int]) -> bool | None:
     return None if n < 2 else hi < 0
 
 
-def main_cells(cells: Sequence[Cell], model: str) -> list[Cell]:
-    """The seeds of the main table: SFT at the frozen lr and epochs (the most seeds; ties: lowest lr)."""
+def frozen_setting(root: Path, model: str) -> tuple[float, float, int] | None:
+    """The frozen (lr, epochs, n) of ``model`` in ``root/protocol/frozen.yaml``, if that file is its."""
+    import yaml
+
+    path = Path(root) / "protocol" / "frozen.yaml"
+    if not path.is_file():
+        return None
+    f = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if f.get("model") != model:
+        return None
+    return float(f["finetune"]["train"]["lr"]), float(f["finetune"]["train"]["epochs"]), int(f["data"]["n"])
+
+
+def main_cells(
+    cells: Sequence[Cell], model: str, frozen: tuple[float, float, int] | None = None
+) -> list[Cell]:
+    """The seeds of the main table: SFT at the ``frozen`` (lr, epochs, n); without it, the setting with
+    the most seeds (ties: fewest epochs)."""
     from collections import Counter
 
-    counts = Counter((c.lr, c.epochs) for c in cells if c.model == model and c.method == "sft")
+    if frozen is not None:
+        return group(cells, model, "sft", frozen[0], frozen[1], frozen[2])
+    counts = Counter((c.lr, c.epochs, c.n) for c in cells if c.model == model and c.method == "sft")
     if not counts:
         return []
-    (lr, ep), _ = max(counts.items(), key=lambda kv: (kv[1], -kv[0][1]))
-    return group(cells, model, "sft", lr, ep)
+    (lr, ep, n), _ = max(counts.items(), key=lambda kv: (kv[1], -kv[0][1]))
+    return group(cells, model, "sft", lr, ep, n)
 
 
 def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note: str = "") -> list:
@@ -305,7 +331,7 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
     from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Claim
 
     cells = load_cells(root)
-    mains = main_cells(cells, model)
+    mains = main_cells(cells, model, frozen_setting(root, model))
     source = f"results/antidote/{model}/*/cells"
     if not mains:
         return []
@@ -392,7 +418,7 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
                 source,
             )
         )
-    out.append(_agnostic_claim(cells, model, hs, judge, source))
+    out.append(_agnostic_claim([c for c in cells if c.n == mains[0].n], model, hs, judge, source))
     out.append(_vsa_claim(cells, model, hs, source, scale))
     return out
 
