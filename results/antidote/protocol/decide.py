@@ -99,6 +99,18 @@ def main() -> int:
                 f"`{Path(al['reused']['adapter']).parent}`, so the aligned point (same model, same "
                 f"prompts, greedy) is the committed one of `{Path(al['reused']['donor']).name}`, not re-evaluated."
             )
+        check = folder / "aligned_reuse.json"
+        c = json.loads(check.read_text(encoding="utf-8")) if check.is_file() else {}
+        if not reused and c.get("tensors_equal"):  # the same aligned model, evaluated again
+            donor = json.loads(
+                (ROOT / c["donor"] / "cells" / "stage=eval__point=aligned.json").read_text(encoding="utf-8")
+            )
+            same = all(al.get(k) == donor.get(k) for k in ("answers_harmful", "answers_task"))
+            notes.add(
+                f"² candidate {order(folder) + 1}: its alignment adapter is bit-identical to the committed one, "
+                "but its settings differ (the held-out slice depends on n), so its aligned point was evaluated again: "
+                f"{'the same' if same else 'NOT the same'} harmful answers and SST-2 outputs as the committed point."
+            )
         if ok and chosen is None:
             chosen = setting(folder)
     frozen_setting = key(frozen)
@@ -107,7 +119,16 @@ def main() -> int:
         f"Prompts: {al.get('n_eval_harmful')} harmful (128 new tokens), {al.get('n_eval_task')} SST-2 rows. "
         "Seconds are wall seconds with 1 torch thread; the load average (1, 5, 15 min) is the machine's when "
         "the candidate finished.",
-        *sorted(notes),
+        *sorted(notes, key=lambda x: "¹²".find(x[0])),
+        *[
+            f"The base model before alignment (a diagnostic, `base_point.py`; no choice uses it), same "
+            f"{b['n_eval_harmful']} prompts: HS {b[f'hs_{JUDGE}']:.1f} ({JUDGE} judge), {b['hs_minilm-ft']:.1f} "
+            f"(minilm-ft), refusal-matcher HS {b['hs_refusal']:.1f}."
+            for b in (
+                json.loads(f.read_text(encoding="utf-8"))
+                for f in sorted((HERE / "pilot" / frozen["model"]).glob("base_seed*.json"))
+            )
+        ],
         "",
         "Decision: "
         + (

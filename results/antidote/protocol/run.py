@@ -3,7 +3,8 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
 
-PLAN: ``export`` (export the evaluated points of unfinished cells), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
+PLAN: ``export`` (export the evaluated points of unfinished cells), ``restore`` (rebuild the lost run folder
+of the unfinished frozen seed-0 cell from the committed cell and adapters, then resume it with ``sft:0``), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
 re-alignment; the alignment stage is re-run and, when its adapter is bit-identical to the committed seed's,
 the committed aligned point is reused), ``main`` (SFT +
 Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
@@ -103,6 +104,41 @@ def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Pa
     realign_and_reuse(run, mcfg, adapter, donors[0], echo=lambda msg: print(msg, flush=True), root=ROOT)
 
 
+def restore_cell(frozen: dict, model: str, seed: int, runs: Path) -> None:
+    """Rebuild the run folder of an unfinished committed cell whose run folder was lost, so ``run.py main``
+    resumes it: the alignment stage is re-run and must be bit-identical to the committed seed's adapter (then
+    the committed aligned point is kept, :func:`robustlab.antidote.protocol.realign_and_reuse`); the
+    fine-tuning stage is the committed ``adapters-seed<k>/finetuned`` adapter, used only when
+    ``adapters.json`` names this cell; the committed points are copied, so only the missing ones run."""
+    import shutil
+
+    from robustlab.antidote.baselines_pipeline import load_method_config
+    from robustlab.antidote.protocol import cell_name, cell_overrides, realign_and_reuse
+
+    mcfg = load_method_config(None, cell_overrides(frozen, "sft", None, None, seed))
+    ft = mcfg.pipeline.finetune.train
+    name = cell_name("sft", ft.lr, ft.epochs, seed, mcfg.pipeline.data.n)
+    committed = ROOT / "results" / "antidote" / model / name
+    adapters = ROOT / "results" / "antidote" / model / f"adapters-seed{seed}"
+    note = json.loads((adapters / "adapters.json").read_text(encoding="utf-8"))
+    if note.get("cell") != f"results/antidote/{model}/{name}":
+        raise SystemExit(f"{adapters} holds the adapters of {note.get('cell')}, not of {name}")
+    run = runs / name
+    if (run / "cells").is_dir():
+        raise SystemExit(f"{run} exists: resume it with run.py sft:{seed}")
+    out = realign_and_reuse(
+        run, mcfg, adapters / "aligned", committed, echo=lambda msg: print(msg, flush=True), root=ROOT
+    )
+    if not out["reused"]:
+        raise SystemExit(f"{name}: the re-run alignment does not match the committed one; rerun the cell")
+    shutil.copytree(adapters / "finetuned", run / "stages" / "finetuned")
+    for cell in sorted((committed / "cells").glob("*.json")):
+        if not (run / "cells" / cell.name).exists():
+            shutil.copy2(cell, run / "cells" / cell.name)
+    shutil.copy2(committed / "metrics.jsonl", run / "metrics.jsonl")
+    print(f"{name}: run folder restored from the committed cell and adapters")
+
+
 def export_unfinished(runs: Path, results: Path) -> None:
     """Export the evaluated points of every cell that did not finish (the session's deadline), marked
     ``complete: false`` in its timing.json; finished cells are left as they are."""
@@ -152,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     candidates = frozen.pop("candidates", None)
     if args.plan == "export":
         export_unfinished(args.runs / model, ROOT / "results" / "antidote" / model)
+        return None
+    if args.plan == "restore":
+        restore_cell(frozen, model, int(adapters_seed), args.runs / model)
         return None
     if args.plan == "adapters":
         export_seed_adapters(frozen, model, int(adapters_seed), args.runs / model)
