@@ -58,9 +58,11 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     lines += [markdown_table(cols, rows), ""]
     lines.append(
         "Wall time per cell, summed over its stages (alignment, attack and every evaluated point; 1 torch "
-        "thread on 2 cores shared with other jobs, load average 8–20, so each process got 20–40% of a core): "
+        "thread on 2 cores shared with other jobs; the 1-minute load average when the cell was last exported in "
+        "brackets): "
         + ", ".join(
             f"seed {c.seed} {sum(c.timing.get('stage_seconds', {}).values()) / 60:.0f} min"
+            + (f" [load {c.timing['load_average_end'][0]:.1f}]" if c.timing.get("load_average_end") else "")
             + ("" if c.timing.get("complete", True) else f" (unfinished: {len(c.points)} points)")
             for c in mains
         )
