@@ -200,3 +200,21 @@ def test_cell_names_carry_n_and_the_main_table_follows_the_frozen_setting() -> N
     assert R.main_cells(small + large, "m") == small  # no frozen setting: the most seeds
     assert R.main_cells(small + large, "m", (1e-3, 2.0, 500)) == large
     assert R.frozen_setting(FROZEN.parents[1], "smollm2-135m-instruct") is not None
+
+
+def test_pilot_candidate_applies_every_override_and_leaves_the_settings_alone():
+    from robustlab.antidote.protocol import pilot_candidate
+
+    settings = {
+        "data": {"n": 100, "harmful_ratio": 0.2},
+        "align": {"train": {"lr": 1e-3, "epochs": 1}},
+        "finetune": {"train": {"lr": 1e-3, "epochs": 2, "batch_size": 5}},
+    }
+    before = json.loads(json.dumps(settings))
+    c = {"lr": 3e-3, "epochs": 4, "n": 500, "data": {"align_with_refusals": True}, "align": {"epochs": 3}}
+    got = pilot_candidate(settings, c)
+    assert settings == before
+    assert got["finetune"]["train"] == {"lr": 3e-3, "epochs": 4, "batch_size": 5}
+    assert got["data"] == {"n": 500, "harmful_ratio": 0.2, "align_with_refusals": True}
+    assert got["align"]["train"] == {"lr": 1e-3, "epochs": 3}
+    assert pilot_candidate(settings, {"lr": 1e-3, "epochs": 2}) == settings

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from robustlab.antidote.protocol import pilot_candidate
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 START, END = "<!-- antidote-pilot:start -->", "<!-- antidote-pilot:end -->"
@@ -50,14 +52,7 @@ def main() -> int:
             float(cfg["align"]["train"]["epochs"]),
         )
 
-    def candidate(c: dict) -> dict:  # pilot.yaml's settings with candidate c's overrides
-        return {
-            "finetune": {"train": {**pilot["finetune"]["train"], "lr": c["lr"], "epochs": c["epochs"]}},
-            "data": {**pilot["data"], **c.get("data", {}), **({"n": c["n"]} if "n" in c else {})},
-            "align": {"train": {**pilot["align"]["train"], **c.get("align", {})}},
-        }
-
-    declared = [key(candidate(c)) for c in pilot["candidates"]]
+    declared = [key(pilot_candidate(pilot, c)) for c in pilot["candidates"]]
 
     def setting(folder: Path) -> tuple[float, float, int, bool, float]:
         return key(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")))

@@ -198,12 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.plan == "pilot":
         if not candidates or not 1 <= args.candidate <= len(candidates):
             raise SystemExit(f"--candidate must be 1..{len(candidates or [])} (pilot.yaml candidates)")
+        from robustlab.antidote.protocol import pilot_candidate
+
         c = candidates[args.candidate - 1]
-        if "n" in c:  # a candidate with another fine-tuning set size (the amendment in pilot.yaml)
-            frozen["data"]["n"] = int(c["n"])
+        frozen = pilot_candidate(frozen, c)
         # a candidate with other data or alignment settings carries a tag for its run folder
-        frozen["data"].update(c.get("data", {}))
-        frozen["align"]["train"].update(c.get("align", {}))
         prefix = "pilot-" + (f"{c['tag']}-" if "tag" in c else "")  # n is in the cell name (cell_name)
         cells = [("sft", int(frozen.get("seed", 0)), float(c["lr"]), float(c["epochs"]))]
         results = HERE / "pilot" / model

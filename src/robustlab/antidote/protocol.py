@@ -64,6 +64,21 @@ def cell_overrides(frozen: dict, method: str, lr: float | None, epochs: float | 
     return cfg
 
 
+def pilot_candidate(settings: dict, candidate: dict) -> dict:
+    """``pilot.yaml``'s settings with one declared candidate's overrides: the attack's ``lr`` and ``epochs``,
+    the fine-tuning set size ``n``, and ``data`` / ``align`` (alignment training) settings; ``settings`` is
+    left as it is. The one definition of a candidate, for the run and for the decision."""
+    import copy
+
+    cfg = copy.deepcopy(settings)
+    cfg["finetune"]["train"].update(lr=candidate["lr"], epochs=candidate["epochs"])
+    if "n" in candidate:
+        cfg["data"]["n"] = int(candidate["n"])
+    cfg["data"].update(candidate.get("data", {}))
+    cfg["align"]["train"].update(candidate.get("align", {}))
+    return cfg
+
+
 LEVELS = {
     "align": (("stage=align", "stage=eval__point=aligned"), ("aligned", "aligned-adapter")),
     "finetune": (("stage=finetune", "stage=eval__point=finetuned"), ("finetuned",)),
