@@ -178,7 +178,8 @@ def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, floa
         judge = load_finetuned_judge()
         report = (judge.meta.get("report") or {}).get("heldout", {}).get("minilm-ft", {})
         return "minilm-ft", judge, report.get("agreement")
-    from robustlab.antidote.embedding_judge import EmbeddingJudge, train_embedding_judge
+    from robustlab.antidote.embedding_judge import EmbeddingJudge
+    from robustlab.antidote.pipeline import make_judges
     from robustlab.claims import results_dir
 
     if choice == "auto":
@@ -186,14 +187,13 @@ def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, floa
             "minilm-ft judge not cached: scoring with the embedding judge (train the validated one once with "
             "`robustlab antidote judge train`, about 45 min on 2 cores)"
         )
-    # the committed judge (deterministic: seed 0 on the staged split; 29 KB of regression weights), else one
-    # trained once into the cache (about 5 min on one contended core)
+    # the committed judge (deterministic: seed 0 on the staged split; 29 KB of regression weights), else the
+    # pipeline's, trained once into the cache beside minilm-ft (about 5 min on one contended core)
     path = results_dir("antidote") / "judge" / EMBEDDING_JUDGE
-    if not path.is_file():
-        path = default_judge_dir().parent / EMBEDDING_JUDGE
-        if not path.is_file():
-            train_embedding_judge(None, seed=0)[0].save(path)
-    judge = EmbeddingJudge.load(path)
+    if path.is_file():
+        judge = EmbeddingJudge.load(path)
+    else:
+        judge = make_judges(["embedding"], cache=default_judge_dir().parent)["embedding"]
     return "embedding", judge, (judge.meta or {}).get("agreement")
 
 
