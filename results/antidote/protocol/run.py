@@ -213,13 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     runs = args.runs / model
     judge = args.runs / "embedding_judge.json"
-    if not judge.is_file():
-        from robustlab.antidote.embedding_judge import train_embedding_judge
-        from robustlab.runs import atomic_write_json
+    if not judge.is_file():  # the pipeline's judge, trained once and cached there with its report
+        from robustlab.antidote.pipeline import make_judges
 
-        found, report = train_embedding_judge(None, seed=0)
-        found.save(judge)
-        atomic_write_json(judge.with_name("embedding_judge_report.json"), report)
+        make_judges(["embedding"], cache=args.runs)
     for method, seed, lr, epochs in cells:
         run_cell(
             frozen,
