@@ -89,8 +89,11 @@ class Processes:
 class Federation:
     """A SuperLink and ``n`` SuperNodes on loopback (each its own session, so a kill takes its children)."""
 
-    def __init__(self, tmp_path: Path, procs: Processes, n: int, tag: str) -> None:
+    def __init__(
+        self, tmp_path: Path, procs: Processes, n: int, tag: str, state_dir: Path | None = None
+    ) -> None:
         self.port = _free_port()
+        self.state_dir = state_dir  # each SuperNode's own client-state folder (``state-dir`` node config)
         self.home = tmp_path / f"flwr_home_{tag}"
         self.home.mkdir()
         (self.home / "config.toml").write_text(
@@ -116,9 +119,12 @@ class Federation:
         return self.procs.start(
             [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
              "--host", "127.0.0.1", "--port", str(_free_port()),
-             "--node-config", f"partition-id={i} num-partitions={n}"],
+             "--node-config", f"partition-id={i} num-partitions={n}" + self._state(i)],
             tmp_path / f"supernode{i}_{tag}.log", self.env,
         )  # fmt: skip
+
+    def _state(self, i: int) -> str:
+        return f" state-dir='{self.state_dir / f'node{i}'}'" if self.state_dir else ""
 
     def submit(self, run_config: str) -> None:
         submit = subprocess.run(
@@ -184,13 +190,19 @@ def test_a_supernode_killed_mid_run_and_the_federation_finishes_with_two(tmp_pat
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_killed_superlink_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("method", ["fedld", "scaffold"])
+def test_a_killed_superlink_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, method):
+    """SCAFFOLD is the stateful case: the server's ``c`` comes back from the ServerApp's checkpoint and each
+    client's ``c_i`` from its SuperNode's ``state-dir`` (the SuperNodes are killed and restarted too)."""
     resumed, reference = tmp_path / "resumed", tmp_path / "reference"
-    cfg = f"{RUN} num-partitions=2 num-server-rounds=4"
+    cfg = f"{RUN.replace('fedld', method)} num-partitions=2 num-server-rounds=4"
+    state = (
+        (tmp_path / "state_resumed", tmp_path / "state_reference") if method == "scaffold" else (None, None)
+    )
     procs = Processes()
     t0 = time.monotonic()
     try:
-        fed = Federation(tmp_path, procs, 2, "first")
+        fed = Federation(tmp_path, procs, 2, "first", state[0])
         fed.submit(f"{cfg} out='{resumed}'")
         _wait(procs, lambda: _checkpointed_round(resumed) >= 2, "round 2", [fed.superlink, *fed.nodes])
         _kill_session(fed.superlink)  # the SuperLink and the ServerApp process it started
@@ -198,10 +210,13 @@ def test_a_killed_superlink_resumes_from_its_checkpoint_and_matches_an_uninterru
         assert killed_at < 4 and not (resumed / "history.json").exists()
         for node in fed.nodes:
             _kill_session(node)
-        fed = Federation(tmp_path, procs, 2, "second")
+        fed = Federation(tmp_path, procs, 2, "second", state[0])
         fed.submit(f"{cfg} out='{resumed}'")
         _wait(procs, (resumed / "history.json").exists, "the resumed run", [fed.superlink, *fed.nodes])
         t_resumed = time.monotonic() - t0
+        if method == "scaffold":  # the reference's clients start from no state, as the first run's did
+            procs.kill_all()
+            fed = Federation(tmp_path, procs, 2, "third", state[1])
         fed.submit(f"{cfg} out='{reference}'")
         _wait(
             procs, (reference / "history.json").exists, "the uninterrupted run", [fed.superlink, *fed.nodes]
@@ -217,5 +232,9 @@ def test_a_killed_superlink_resumes_from_its_checkpoint_and_matches_an_uninterru
         for k in za.files:
             if k.startswith("g::"):
                 np.testing.assert_array_equal(za[k], zb[k])
-    print(f"killed SuperLink after round {killed_at}; resumed run done at {t_resumed:.0f} s; final test acc "
+    if method == "scaffold":  # the server control variate was checkpointed and restored, not re-zeroed
+        with np.load(resumed / "checkpoint.npz") as za:
+            assert any(k.startswith("s::") and np.abs(za[k]).sum() > 0 for k in za.files)
+        assert sorted(p.name for p in (state[0] / "node0").rglob("*.npz"))  # c_i on the node's own disk
+    print(f"{method}: killed SuperLink after round {killed_at}; resumed run done at {t_resumed:.0f} s; final test acc "
           f"{a[-1]['test']['accuracy']:.4f} (resumed) vs {b[-1]['test']['accuracy']:.4f} (uninterrupted)")  # fmt: skip
