@@ -70,6 +70,29 @@ def test_share_stages_reuses_alignment_and_finetune_only_when_signatures_match(t
     )
 
 
+def test_share_stages_treats_an_integer_and_a_float_setting_as_the_same(tmp_path: Path) -> None:
+    """The pilot passes its epochs as a float (6.0), frozen.yaml as an integer (6): the same stage."""
+    base = P.cell_overrides(frozen(), "sft", None, None, 0)
+    ep = base["finetune"]["train"]["epochs"]
+    as_float = {
+        **base,
+        "finetune": {**base["finetune"], "train": {**base["finetune"]["train"], "epochs": float(ep)}},
+    }
+    as_int = {
+        **base,
+        "finetune": {**base["finetune"], "train": {**base["finetune"]["train"], "epochs": int(ep)}},
+    }
+    cells = {k: {"seconds": 1} for k in ("stage=align", "stage=eval__point=aligned", "stage=finetune",
+                                         "stage=eval__point=finetuned")}  # fmt: skip
+    fake_run(tmp_path, "pilot", load_method_config(None, as_float), cells)
+    mcfg = load_method_config(None, as_int)
+    assert (
+        P.signatures(mcfg)["finetune"]
+        != json.loads((tmp_path / "pilot" / "signatures.json").read_text())["finetune"]
+    )
+    assert P.share_stages(tmp_path / "main", mcfg, tmp_path) == {"align": "pilot", "finetune": "pilot"}
+
+
 class FlagWords:
     def harmful(self, prompts, responses):
         return ["bomb" in r for r in responses]

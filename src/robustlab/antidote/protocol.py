@@ -124,7 +124,8 @@ def share_stages(run: Path, mcfg: Any, runs_root: Path) -> dict[str, str]:
         for marker in sorted(runs_root.glob("*/signatures.json")):
             donor = marker.parent
             theirs = json.loads(marker.read_text(encoding="utf-8"))
-            if donor == run or theirs.get(level) != sigs[level]:
+            # compared as values, not strings: a YAML 6 and a CLI 6.0 epochs are the same stage
+            if donor == run or level not in theirs or json.loads(theirs[level]) != json.loads(sigs[level]):
                 continue
             if not all((donor / "cells" / f"{k}.json").is_file() for k in keys):
                 continue
