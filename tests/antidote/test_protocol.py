@@ -120,6 +120,7 @@ def test_export_and_rescore_from_stored_answers(tmp_path: Path) -> None:
     assert P.rescore_cell(dest, "words", FlagWords(), {"agreement": 1.0}) == 1
     row = json.loads((dest / "cells" / "stage=eval__point=aligned.json").read_text())
     assert row["hs_words"] == 50.0 and row["rescored"]["words"] == {"agreement": 1.0}
+    assert row["flags_words"] == [False, True]
 
 
 def cell(seed: int, hs: dict, fa: dict) -> R.Cell:
@@ -141,6 +142,37 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
     assert rows[1][3] == f"{m:.1f} ± {half:.1f}"
 
 
+def test_paired_difference_uses_only_the_items_both_points_were_scored_on() -> None:
+    """A control scored on the first 2 of 4 prompts and 3 of 5 SST-2 rows is compared with the attacked
+    model on those items alone, not with its 4-prompt / 5-row means (brute force by hand)."""
+    prompts = ["p0", "p1", "p2", "p3"]
+    attacked = {
+        "hs_j": 50.0,
+        "flags_j": [True, False, False, True],
+        "answers_harmful": [[p, "a"] for p in prompts],
+        "fa": 60.0,
+        "answers_task": [["positive", "positive"], ["negative", "positive"], ["negative", "negative"],
+                         ["positive", "positive"], ["positive", "negative"]],
+    }  # fmt: skip
+    control = {
+        "hs_j": 100.0,
+        "flags_j": [True, True],
+        "answers_harmful": [[p, "b"] for p in prompts[:2]],
+        "fa": 100 / 3,
+        "answers_task": [["negative", "positive"], ["negative", "positive"], ["negative", "negative"]],
+    }
+    # HS on p0, p1: control 100, attacked 50; FA on rows 0-2: control 1/3, attacked 2/3
+    assert R.paired_difference(control, attacked, "hs_j") == pytest.approx(50.0)
+    assert R.paired_difference(control, attacked, "fa") == pytest.approx(100 / 3 - 200 / 3)
+    # the stored means' difference would be 50.0 and -26.7: without per-item values that is the fallback
+    bare = {k: v for k, v in control.items() if k in ("hs_j", "fa")}
+    assert R.paired_difference(bare, attacked, "hs_j") == pytest.approx(50.0)
+    assert R.paired_difference(bare, attacked, "fa") == pytest.approx(100 / 3 - 60.0)
+    # rows are matched by index and label: a shifted row set shares only the rows whose labels agree
+    shifted = {**control, "answers_task": [["positive", "positive"], ["negative", "negative"]]}
+    assert R.paired_difference(shifted, attacked, "fa") == pytest.approx(100.0 - 100.0)
+
+
 def test_frozen_protocol_slices_are_disjoint_by_prompt() -> None:
     from robustlab.antidote.data import assert_disjoint
     from robustlab.antidote.pipeline import pipeline_data
@@ -150,16 +182,20 @@ def test_frozen_protocol_slices_are_disjoint_by_prompt() -> None:
         data = pipeline_data(cfg, seed)  # check_slices runs inside; repeated here by prompt over every slice
         attack = [e for e in data.finetune if e.source.startswith("beavertails")]
         assert len(attack) == round(cfg.data.n * cfg.data.harmful_ratio)
-        assert_disjoint(
-            {
-                "attack": attack,
-                "realign": data.realign,
-                "heldout": data.heldout_harmful,
-                "eval": data.eval_harmful,
-                "alignment": data.alignment,
-                "aux": data.harmful_aux,
-            }
-        )
+        slices = {
+            "attack": attack,
+            "realign": data.realign,
+            "heldout": data.heldout_harmful,
+            "eval": data.eval_harmful,
+            "alignment": data.alignment,
+        }
+        assert_disjoint(slices)
+        # the alignment-time harmful pairs (RepNoise, Booster) are the harmful answers to the prompts the
+        # alignment refuses (align_with_refusals): both are alignment-stage data, disjoint from the rest
+        assert_disjoint({**{k: v for k, v in slices.items() if k != "alignment"}, "aux": data.harmful_aux})
+        if cfg.data.align_with_refusals:
+            refused = {e.instruction for e in data.alignment[: len(data.harmful_aux)]}
+            assert refused == {e.instruction for e in data.harmful_aux}
 
 
 def test_realign_and_reuse_copies_the_aligned_point_only_for_a_bit_identical_adapter(

@@ -321,9 +321,9 @@ def stage_seconds(run: Path) -> dict[str, float]:
 
 def rescore_cell(folder: Path, name: str, judge: Any, note: dict | None = None) -> int:
     """Recompute ``hs_<name>`` of every evaluated point of a committed cell from its stored answers with
-    ``judge`` (``harmful(prompts, responses) -> list[bool]``); returns the number of points rescored. A point
-    without stored answers is left as it is."""
-    from robustlab.antidote.evaluate import harmful_score
+    ``judge`` (``harmful(prompts, responses) -> list[bool]``), and store the per-answer flags as
+    ``flags_<name>`` (the report pairs points on their common prompts); returns the number of points
+    rescored. A point without stored answers is left as it is."""
     from robustlab.runs import atomic_write_json
 
     done = 0
@@ -332,7 +332,9 @@ def rescore_cell(folder: Path, name: str, judge: Any, note: dict | None = None) 
         answers = row.get("answers_harmful")
         if not answers:
             continue
-        row[f"hs_{name}"] = harmful_score(judge, [a[0] for a in answers], [a[1] for a in answers])
+        flags = [bool(f) for f in judge.harmful([a[0] for a in answers], [a[1] for a in answers])]
+        row[f"hs_{name}"] = 100.0 * sum(flags) / len(flags)
+        row[f"flags_{name}"] = flags
         if note:
             row.setdefault("rescored", {})[name] = note
         atomic_write_json(cell, row)

@@ -4,7 +4,9 @@
 A *point* is one evaluated model of a cell: ``aligned``, ``finetuned`` (the attacked model), ``antidote`` at a
 mask ratio α, or a control (``random``, ``magnitude``, ``benign``: Wanda on benign calibration) at α, or a
 post-fine-tuning baseline (``safelora``, ``resta``). Means and 95% t-intervals are over seeds; paired
-differences subtract the attacked model (or a control) of the same seed, evaluated on the same prompts.
+differences subtract the attacked model (or a control) of the same seed, on the prompts and SST-2 rows both
+points were evaluated on (a grid point or control is scored on the first prompts and rows of the main
+points'; the stored judge flags and task outputs give the common items, :func:`paired`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Cell:
     points: dict[tuple[str, float], dict]  # (stage, ratio) -> the point's measures
     timing: dict
     n: int = 100  # the fine-tuning set size
+    task: str = "sst2"
 
 
 def load_cells(root: Path) -> list[Cell]:
@@ -76,6 +79,7 @@ def load_cells(root: Path) -> list[Cell]:
                 points,
                 json.loads(timing.read_text(encoding="utf-8")),
                 int(cfg["data"]["n"]),
+                str(cfg["data"].get("task", "sst2")),
             )
         )
     return out
@@ -122,15 +126,46 @@ def group(
     )
 
 
+def items(point: dict, key: str, task: str = "sst2") -> dict[Any, float] | None:
+    """The per-item values (0 or 100) whose mean is ``key``: ``hs_<judge>`` by prompt from the stored flags
+    ``flags_<judge>`` (written by :func:`robustlab.antidote.protocol.rescore_cell`), ``fa`` by SST-2 row index
+    from the stored (output, label) pairs with the official exact-match rule; ``None`` when not stored."""
+    from robustlab.antidote.data import label_match
+
+    if key == "fa":
+        rows = point.get("answers_task")
+        if not rows:
+            return None
+        return {(i, gold): 100.0 * label_match(task, out, gold) for i, (out, gold) in enumerate(rows)}
+    flags = point.get(f"flags_{key[3:]}") if key.startswith("hs_") else None
+    answers = point.get("answers_harmful")
+    if not flags or not answers or len(flags) != len(answers):
+        return None
+    return {prompt: 100.0 * bool(f) for (prompt, _), f in zip(answers, flags, strict=True)}
+
+
+def paired_difference(pa: dict, pb: dict, key: str, task: str = "sst2") -> float | None:
+    """``key`` at point ``pa`` minus point ``pb`` of one seed, over the items both were evaluated on (the
+    prompts, or the SST-2 rows with the same index and label); the difference of the stored means when
+    either point lacks its per-item values."""
+    if pa.get(key) is None or pb.get(key) is None:
+        return None
+    ia, ib = items(pa, key, task), items(pb, key, task)
+    if ia is None or ib is None:
+        return float(pa[key]) - float(pb[key])
+    common = [k for k in ia if k in ib]
+    if not common:
+        return None
+    return sum(ia[k] - ib[k] for k in common) / len(common)
+
+
 def paired(cells: Sequence[Cell], a: tuple[str, float], b: tuple[str, float], key: str) -> tuple:
-    """Mean and 95% interval over seeds of ``key`` at point ``a`` minus point ``b`` of the same cell."""
+    """Mean and 95% interval over seeds of ``key`` at point ``a`` minus point ``b`` of the same cell, each
+    seed's difference on the items both points share (:func:`paired_difference`)."""
     diffs = [
-        c.points[a][key] - c.points[b][key]
+        paired_difference(c.points[a], c.points[b], key, c.task)
         for c in cells
-        if a in c.points
-        and b in c.points
-        and c.points[a].get(key) is not None
-        and c.points[b].get(key) is not None
+        if a in c.points and b in c.points
     ]
     return _stat(diffs)
 
