@@ -50,8 +50,8 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     judge = R.judge_of(mains)
     lr, ep = mains[0].lr, mains[0].epochs
     lines = [
-        f"#### {model}: the main table (SFT attack on n = {mains[0].n} at lr {lr:g}, {ep:g} epochs; mean ± 95% CI "
-        "over seeds)",
+        f"#### {model}: the main table (SFT attack on n = {mains[0].n} at lr {lr:g}, {ep:g} epochs after "
+        f"{mains[0].align}; mean ± 95% CI over seeds)",
         "",
     ]
     cols, rows = R.main_table(mains, judge)
@@ -71,7 +71,8 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     lines.append("")
     fig = R.tradeoff_figure(mains, judge, ROOT / "docs" / f"antidote_protocol_tradeoff_{model}.png")
     lines += [f"![harmful score vs finetune accuracy]({rel}{fig.name})", ""]
-    sft = [c for c in cells if c.model == model and c.method == "sft" and c.n == mains[0].n]
+    comparable = R.same_setting(cells, mains[0])
+    sft = [c for c in comparable if c.method == "sft"]
     if len({c.lr for c in sft}) > 1:
         cols, rows = R.sweep_table(sft, model, "sft", judge, R.PRIMARY_RATIO, "lr")
         lines += [
@@ -90,17 +91,31 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
             [c for c in sft if c.lr == lr], model, "sft", judge, R.PRIMARY_RATIO, "epochs"
         )
         lines += [f"#### {model}: epochs (lr {lr:g})", "", markdown_table(cols, rows), ""]
-    others = sorted({c.method for c in cells if c.model == model and c.method != "sft"})
+    others = sorted({c.method for c in comparable if c.method != "sft"})
     if others:
         body = []
         for m in others:
-            cs = R.group(cells, model, m, lr, ep, mains[0].n)
+            cs = R.group(comparable, model, m, lr, ep)
             for k in sorted({k for c in cs for k in c.points if k[0] != "aligned"}, key=R._point_order):
                 pts = [c.points[k] for c in cs if k in c.points]
                 body.append([m, R.point_label(*k), len(pts), R.fmt_stat(R._stat([p.get(f"hs_{judge}") for p in pts])),
                              R.fmt_stat(R._stat([p.get("fa") for p in pts]))])  # fmt: skip
         lines += [f"#### {model}: baselines (same harness and data)", "",
                   markdown_table(["method", "point", "seeds", f"HS % ({judge})", "FA %"], body), ""]  # fmt: skip
+    superseded = sorted(
+        {(c.align, c.lr, c.epochs, c.n) for c in cells if c.model == model and c.method == "sft"}
+        - {(c.align, c.lr, c.epochs, c.n) for c in sft}
+    )
+    for align, lr_o, ep_o, n_o in superseded:  # a pilot candidate's cells that were run before the freeze
+        cs = R.group(cells, model, "sft", lr_o, ep_o, n_o, align)
+        cols, rows = R.main_table(cs, R.judge_of(cs))
+        lines += [
+            f"#### {model}: not the frozen setting — SFT on n = {n_o} at lr {lr_o:g}, {ep_o:g} epochs after "
+            f"{align} (cells run before the pilot froze another setting; a record, not evidence for the claims)",
+            "",
+            markdown_table(cols, rows),
+            "",
+        ]
     return lines
 
 

@@ -257,7 +257,13 @@ def test_cell_names_carry_n_and_the_main_table_follows_the_frozen_setting() -> N
     small = [R.Cell(Path("."), "m", "sft", 1e-3, 2.0, s, {ft: {}}, {}, 100) for s in range(3)]
     large = [R.Cell(Path("."), "m", "sft", 1e-3, 2.0, 0, {ft: {}}, {}, 500)]
     assert R.main_cells(small + large, "m") == small  # no frozen setting: the most seeds
-    assert R.main_cells(small + large, "m", (1e-3, 2.0, 500)) == large
+    assert R.main_cells(small + large, "m", (1e-3, 2.0, 500, "")) == large
+    # another alignment stage is another setting, even at the same lr, epochs and n
+    refusal = [R.Cell(Path("."), "m", "sft", 1e-3, 2.0, 0, {ft: {}}, {}, 100, align="refusal alignment")]
+    assert R.main_cells(small + refusal, "m", (1e-3, 2.0, 100, "refusal alignment")) == refusal
+    assert R.same_setting(small + refusal, refusal[0]) == refusal
+    f = R.frozen_setting(FROZEN.parents[1], "smollm2-135m-instruct")
+    assert f is not None and f[3] == R.alignment_of(yaml.safe_load(FROZEN.read_text(encoding="utf-8")))
     assert R.frozen_setting(FROZEN.parents[1], "smollm2-135m-instruct") is not None
 
 

@@ -47,6 +47,15 @@ class Cell:
     timing: dict
     n: int = 100  # the fine-tuning set size
     task: str = "sst2"
+    align: str = ""  # the alignment stage (:func:`alignment_of`): cells are compared only within one
+
+
+def alignment_of(config: dict) -> str:
+    """A readable key of what the aligned model depends on besides base and seed: the alignment data
+    (templated refusals first, or the safe pairs alone) and the alignment training's epochs and lr."""
+    data, train = config.get("data") or {}, (config.get("align") or {}).get("train") or {}
+    kind = "refusal" if data.get("align_with_refusals") else "safe-pair"
+    return f"{kind} alignment, {float(train.get('epochs', 1)):g} ep, lr {float(train.get('lr', 1e-3)):g}"
 
 
 def load_cells(root: Path) -> list[Cell]:
@@ -80,6 +89,7 @@ def load_cells(root: Path) -> list[Cell]:
                 json.loads(timing.read_text(encoding="utf-8")),
                 int(cfg["data"]["n"]),
                 str(cfg["data"].get("task", "sst2")),
+                alignment_of(cfg),
             )
         )
     return out
@@ -114,16 +124,29 @@ def point_label(stage: str, ratio: float) -> str:
 
 
 def group(
-    cells: Sequence[Cell], model: str, method: str, lr: float, epochs: float, n: int | None = None
+    cells: Sequence[Cell],
+    model: str,
+    method: str,
+    lr: float,
+    epochs: float,
+    n: int | None = None,
+    align: str | None = None,
 ) -> list[Cell]:
     return sorted(
         (
             c
             for c in cells
-            if (c.model, c.method, c.lr, c.epochs) == (model, method, lr, epochs) and n in (None, c.n)
+            if (c.model, c.method, c.lr, c.epochs) == (model, method, lr, epochs)
+            and n in (None, c.n)
+            and align in (None, c.align)
         ),
         key=lambda c: c.seed,
     )
+
+
+def same_setting(cells: Sequence[Cell], ref: Cell) -> list[Cell]:
+    """The cells comparable with ``ref``: same model, fine-tuning set size and alignment stage."""
+    return [c for c in cells if (c.model, c.n, c.align) == (ref.model, ref.n, ref.align)]
 
 
 def items(point: dict, key: str, task: str = "sst2") -> dict[Any, float] | None:
@@ -330,8 +353,9 @@ def _below(stat: tuple[float, float, float, int]) -> bool | None:
     return None if n < 2 else hi < 0
 
 
-def frozen_setting(root: Path, model: str) -> tuple[float, float, int] | None:
-    """The frozen (lr, epochs, n) of ``model`` in ``root/protocol/frozen.yaml``, if that file is its."""
+def frozen_setting(root: Path, model: str) -> tuple[float, float, int, str] | None:
+    """The frozen (lr, epochs, n, alignment) of ``model`` in ``root/protocol/frozen.yaml``, if that file
+    is its."""
     import yaml
 
     path = Path(root) / "protocol" / "frozen.yaml"
@@ -340,23 +364,24 @@ def frozen_setting(root: Path, model: str) -> tuple[float, float, int] | None:
     f = yaml.safe_load(path.read_text(encoding="utf-8"))
     if f.get("model") != model:
         return None
-    return float(f["finetune"]["train"]["lr"]), float(f["finetune"]["train"]["epochs"]), int(f["data"]["n"])
+    ft = f["finetune"]["train"]
+    return float(ft["lr"]), float(ft["epochs"]), int(f["data"]["n"]), alignment_of(f)
 
 
 def main_cells(
-    cells: Sequence[Cell], model: str, frozen: tuple[float, float, int] | None = None
+    cells: Sequence[Cell], model: str, frozen: tuple[float, float, int, str] | None = None
 ) -> list[Cell]:
-    """The seeds of the main table: SFT at the ``frozen`` (lr, epochs, n); without it, the setting with
-    the most seeds (ties: fewest epochs)."""
+    """The seeds of the main table: SFT at the ``frozen`` (lr, epochs, n, alignment); without it, the
+    setting with the most seeds (ties: fewest epochs)."""
     from collections import Counter
 
     if frozen is not None:
-        return group(cells, model, "sft", frozen[0], frozen[1], frozen[2])
-    counts = Counter((c.lr, c.epochs, c.n) for c in cells if c.model == model and c.method == "sft")
+        return group(cells, model, "sft", *frozen)
+    counts = Counter((c.lr, c.epochs, c.n, c.align) for c in cells if c.model == model and c.method == "sft")
     if not counts:
         return []
-    (lr, ep, n), _ = max(counts.items(), key=lambda kv: (kv[1], -kv[0][1]))
-    return group(cells, model, "sft", lr, ep, n)
+    setting, _ = max(counts.items(), key=lambda kv: (kv[1], -kv[0][1]))
+    return group(cells, model, "sft", *setting)
 
 
 def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note: str = "") -> list:
@@ -453,8 +478,8 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
                 source,
             )
         )
-    out.append(_agnostic_claim([c for c in cells if c.n == mains[0].n], model, hs, judge, source))
-    out.append(_vsa_claim(cells, model, hs, source, scale))
+    out.append(_agnostic_claim(same_setting(cells, mains[0]), model, hs, judge, source))
+    out.append(_vsa_claim(same_setting(cells, mains[0]), model, hs, source, scale))
     return out
 
 
