@@ -151,15 +151,15 @@ def test_paired_difference_uses_only_the_items_both_points_were_scored_on() -> N
         "flags_j": [True, False, False, True],
         "answers_harmful": [[p, "a"] for p in prompts],
         "fa": 60.0,
-        "answers_task": [["positive", "positive"], ["negative", "positive"], ["negative", "negative"],
-                         ["positive", "positive"], ["positive", "negative"]],
+        "answers_task": [["positive", "positive"], ["positive", "negative"], ["negative", "negative"],
+                         ["positive", "positive"], ["negative", "positive"]],  # [label, output] as stored
     }  # fmt: skip
     control = {
         "hs_j": 100.0,
         "flags_j": [True, True],
         "answers_harmful": [[p, "b"] for p in prompts[:2]],
         "fa": 100 / 3,
-        "answers_task": [["negative", "positive"], ["negative", "positive"], ["negative", "negative"]],
+        "answers_task": [["positive", "negative"], ["positive", "negative"], ["negative", "negative"]],
     }
     # HS on p0, p1: control 100, attacked 50; FA on rows 0-2: control 1/3, attacked 2/3
     assert R.paired_difference(control, attacked, "hs_j") == pytest.approx(50.0)
@@ -171,6 +171,18 @@ def test_paired_difference_uses_only_the_items_both_points_were_scored_on() -> N
     # rows are matched by index and label: a shifted row set shares only the rows whose labels agree
     shifted = {**control, "answers_task": [["positive", "positive"], ["negative", "negative"]]}
     assert R.paired_difference(shifted, attacked, "fa") == pytest.approx(100.0 - 100.0)
+
+
+def test_paired_difference_on_a_committed_cell_equals_the_stored_means_where_the_items_coincide() -> None:
+    """Attacked and Antidote α 0.1 are both scored on all 64 prompts and 872 rows of a committed cell: the
+    per-item pairing must give exactly the difference of the pipeline's own stored means."""
+    cells = [c for c in R.load_cells(FROZEN.parents[1]) if c.folder.name == "sft_lr0.001_ep2_seed0"]
+    assert cells, "the committed candidate-1 seed-0 cell is missing"
+    a, b = cells[0].points[("antidote", 0.1)], cells[0].points[("finetuned", 0.0)]
+    for key in ("fa", "hs_minilm-ft"):
+        assert R.items(a, key) is not None
+        assert R.paired_difference(a, b, key) == pytest.approx(a[key] - b[key])
+    assert a["fa"] != b["fa"]  # a real difference, not two equal points
 
 
 def test_frozen_protocol_slices_are_disjoint_by_prompt() -> None:

@@ -152,14 +152,15 @@ def same_setting(cells: Sequence[Cell], ref: Cell) -> list[Cell]:
 def items(point: dict, key: str, task: str = "sst2") -> dict[Any, float] | None:
     """The per-item values (0 or 100) whose mean is ``key``: ``hs_<judge>`` by prompt from the stored flags
     ``flags_<judge>`` (written by :func:`robustlab.antidote.protocol.rescore_cell`), ``fa`` by SST-2 row index
-    from the stored (output, label) pairs with the official exact-match rule; ``None`` when not stored."""
+    from the stored (label, output) pairs with the official exact-match rule; ``None`` when not stored."""
     from robustlab.antidote.data import label_match
 
     if key == "fa":
         rows = point.get("answers_task")
         if not rows:
             return None
-        return {(i, gold): 100.0 * label_match(task, out, gold) for i, (out, gold) in enumerate(rows)}
+        # stored as [label, output] (robustlab.antidote.evaluate.evaluate_model, samples_task)
+        return {(i, gold): 100.0 * label_match(task, out, gold) for i, (gold, out) in enumerate(rows)}
     flags = point.get(f"flags_{key[3:]}") if key.startswith("hs_") else None
     answers = point.get("answers_harmful")
     if not flags or not answers or len(flags) != len(answers):
