@@ -41,7 +41,7 @@ def main() -> None:
 
     from robustlab.antidote.models import load_model
     from robustlab.antidote.pipeline import pipeline_data
-    from robustlab.antidote.quick_demo import _pipeline_config
+    from robustlab.antidote.quick_demo import adapters_pipeline_config
     from robustlab.antidote.realign import calibration_batches, realign_masks
     from robustlab.runs import atomic_write_json, environment_info
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=None, help="mask ratio α (default: the frozen primary α)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    pcfg, alpha = _pipeline_config(CELL)
+    pcfg, alpha = adapters_pipeline_config(CELL)
     alpha = args.ratio or alpha
     data = pipeline_data(pcfg)
     model, tok = load_model(pcfg.base, align_adapter=str(CELL / "aligned"))

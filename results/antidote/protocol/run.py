@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     runs = args.runs / model
     judge = args.runs / "embedding_judge.json"
-    committed = ROOT / "results" / "antidote" / "judge" / "embedding_judge.json"
+    from robustlab.antidote.quick_demo import committed_embedding_judge
+
+    committed = committed_embedding_judge()
     if not judge.is_file() and committed.is_file():  # the same deterministic fit, committed: no 6-min refit
         args.runs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(committed, judge)

@@ -85,7 +85,7 @@ _FROZEN_KEYS = {
 }
 
 
-def _pipeline_config(cell: Path) -> tuple[Any, float]:
+def adapters_pipeline_config(cell: Path) -> tuple[Any, float]:
     """The pipeline config of the run that made the adapters and its primary Antidote ratio α: base, seed,
     data and both training stages from ``adapters.json``; calibration and evaluation settings and α from
     the protocol's ``frozen.yaml`` (beside the adapters, else ``results/antidote/protocol/``; α 0.1, the
@@ -155,6 +155,14 @@ JUDGE_CHOICES = ("auto", "minilm-ft", "embedding")
 EMBEDDING_JUDGE = "embedding_judge.json"
 
 
+def committed_embedding_judge() -> Path:
+    """Where the checkout commits the embedding judge (``results/antidote/judge/embedding_judge.json``:
+    deterministic, seed 0 on the staged split; 29 KB of regression weights)."""
+    from robustlab.claims import results_dir
+
+    return results_dir("antidote") / "judge" / EMBEDDING_JUDGE
+
+
 def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, float | None]:
     """``(name, judge, held-out agreement)`` for ``choice`` (:data:`JUDGE_CHOICES`): the cached ``minilm-ft``
     judge (trained once, with one torch thread, when ``choice`` is ``minilm-ft`` and it is missing), or the
@@ -180,16 +188,15 @@ def _load_judge(choice: str, log: Callable[[str], None]) -> tuple[str, Any, floa
         return "minilm-ft", judge, report.get("agreement")
     from robustlab.antidote.embedding_judge import EmbeddingJudge
     from robustlab.antidote.pipeline import make_judges
-    from robustlab.claims import results_dir
 
     if choice == "auto":
         log(
             "minilm-ft judge not cached: scoring with the embedding judge (train the validated one once with "
             "`robustlab antidote judge train`, about 45 min on 2 cores)"
         )
-    # the committed judge (deterministic: seed 0 on the staged split; 29 KB of regression weights), else the
-    # pipeline's, trained once into the cache beside minilm-ft (about 5 min on one contended core)
-    path = results_dir("antidote") / "judge" / EMBEDDING_JUDGE
+    # the committed judge, else the pipeline's, trained once into the cache beside minilm-ft (about 5 min on
+    # one contended core)
+    path = committed_embedding_judge()
     if path.is_file():
         judge = EmbeddingJudge.load(path)
     else:
@@ -212,7 +219,7 @@ def run_quick_demo(
 
     cfg = cfg or QuickDemoConfig()
     cell = _cell(cfg)
-    pcfg, frozen_alpha = _pipeline_config(cell)
+    pcfg, frozen_alpha = adapters_pipeline_config(cell)
     out = Path(out)
     (out / "points").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
