@@ -253,3 +253,21 @@ def test_pipeline_sweep_and_demo_take_the_runtime_flags(capsys, tmp_path):
         "unknown device map",
     )
     assert not any((tmp_path / d).exists() for d in "psd")
+
+
+def test_quiet_transformers_turns_off_the_gguf_bar_when_not_on_a_terminal(monkeypatch):
+    """The GGUF loader draws its own tqdm bar, which transformers' switch does not reach; in a log file it is
+    a wall of carriage returns, so it must be off when stderr is not a terminal (and stay a plain tqdm)."""
+    import io
+    import sys
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from robustlab.antidote.cli_common import quiet_transformers
+
+    monkeypatch.setattr(gguf_utils, "tqdm", gguf_utils.tqdm)  # restored afterwards
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    quiet_transformers()
+    quiet_transformers()  # idempotent: one wrapper, not a stack of them
+    assert gguf_utils.tqdm(range(3)).disable
+    assert not isinstance(gguf_utils.tqdm.func, type(gguf_utils.tqdm))

@@ -14,6 +14,16 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import sys
+
+    if not sys.stderr.isatty():
+        # GGUF de-quantisation draws its own tqdm bar (not transformers' switch): off when logging to a file
+        import functools
+
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
     import warnings
 
     # peft's get_peft_model reads a property transformers has deprecated (one FutureWarning per adapter)
