@@ -496,11 +496,12 @@ def _agnostic_claim(cells: Sequence[Cell], model: str, hs: str, judge: str, sour
         return _stat([c.points.get(key, {}).get(hs) for c in sft if c.lr == lr and c.epochs == eps])[0]
 
     if len(lrs) < 3:
+        seen = "; ".join(f"lr {lr:g}: SFT {at(lr, ft):.1f}, Antidote {at(lr, a):.1f}" for lr in lrs)
         return Claim(
             "antidote",
             "Hyper-parameter agnostic: HS stays flat over fine-tuning lr and epochs",
             "HS range over lr 1e-7…1e-3: Antidote 15.3 pts vs SFT 27.3",
-            f"{len(lrs)} learning rate(s) committed",
+            f"{len(lrs)} learning rate(s) committed" + (f" ({seen})" if seen else ""),
             f"{model}, {judge} judge",
             NOT_TESTABLE,
             "needs at least three learning rates.",
