@@ -82,7 +82,7 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
             "",
         ]
         fig = R.lr_figure(
-            cells, model, judge, R.PRIMARY_RATIO, ROOT / "docs" / f"antidote_protocol_lr_{model}.png"
+            sft, model, judge, R.PRIMARY_RATIO, ROOT / "docs" / f"antidote_protocol_lr_{model}.png"
         )
         if fig is not None:
             lines += [f"![harmful score vs learning rate]({rel}{fig.name})", ""]

@@ -295,3 +295,25 @@ def test_pilot_candidate_applies_every_override_and_leaves_the_settings_alone():
     assert got["data"] == {"n": 500, "harmful_ratio": 0.2, "align_with_refusals": True}
     assert got["align"]["train"] == {"lr": 1e-3, "epochs": 3}
     assert pilot_candidate(settings, {"lr": 1e-3, "epochs": 2}) == settings
+
+
+def test_lr_figure_reads_each_lr_at_its_default_epochs(monkeypatch, tmp_path):
+    """The HS-vs-lr figure plots, per learning rate, the mean over that lr's shortest runs (the longer run
+    of 8 epochs at 1e-3 must not enter the 1e-3 point, nor hide the 1e-4 point whose epochs differ)."""
+    import robustlab.report as report
+
+    ft, ant = ("finetuned", 0.0), ("antidote", R.PRIMARY_RATIO)
+
+    def cell(lr, ep, seed, hs_ft, hs_ant):
+        pts = {ft: {"hs_j": hs_ft}, ant: {"hs_j": hs_ant}, ("aligned", 0.0): {"hs_j": 5.0}}
+        return R.Cell(Path("."), "m", "sft", lr, ep, seed, pts, {})
+
+    cells = [cell(1e-3, 6.0, 0, 40.0, 10.0), cell(1e-3, 6.0, 1, 60.0, 20.0), cell(1e-3, 8.0, 0, 99.0, 99.0),
+             cell(1e-4, 4.0, 0, 20.0, 8.0)]  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: seen.setdefault("fig", fig) and path)
+    assert R.lr_figure(cells, "m", "j", R.PRIMARY_RATIO, tmp_path / "f.png") == tmp_path / "f.png"
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in seen["fig"].axes[0].get_lines()}
+    assert lines["attacked (SFT)"] == [20.0, 50.0]
+    assert lines[f"Antidote α {R.PRIMARY_RATIO:g}"] == [8.0, 15.0]
+    assert R.lr_figure(cells[:3], "m", "j", R.PRIMARY_RATIO, tmp_path / "g.png") is None  # one lr: no figure

@@ -304,21 +304,23 @@ def tradeoff_figure(cells: Sequence[Cell], judge: str, path: Path) -> Path:
 
 
 def lr_figure(cells: Sequence[Cell], model: str, judge: str, primary: float, path: Path) -> Path | None:
-    """Harmful score against the fine-tuning learning rate: the attacked model and Antidote at ``primary``."""
+    """Harmful score against the fine-tuning learning rate: the attacked model and Antidote at ``primary``.
+    ``cells`` must be comparable (:func:`same_setting`): one alignment stage and fine-tuning set size."""
     from robustlab.report import pyplot, save_figure
 
     cs = [c for c in cells if c.model == model and c.method == "sft"]
     lrs = sorted({c.lr for c in cs})
     if len(lrs) < 2:
         return None
-    epochs = min(c.epochs for c in cs)
+    # per lr, its shortest run (the default epochs), as the lr table and the claim read them
+    epochs = {lr: min(c.epochs for c in cs if c.lr == lr) for lr in lrs}
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key, label in (
         (("finetuned", 0.0), "attacked (SFT)"),
         (("antidote", primary), f"Antidote α {primary:g}"),
     ):
-        ys = [_stat([c.points.get(key, {}).get(f"hs_{judge}") for c in cs if c.lr == lr and c.epochs == epochs])[0]
+        ys = [_stat([c.points.get(key, {}).get(f"hs_{judge}") for c in cs if c.lr == lr and c.epochs == epochs[lr]])[0]
               for lr in lrs]  # fmt: skip
         ax.plot(lrs, ys, marker="o", label=label)
     aligned = _stat([c.points.get(("aligned", 0.0), {}).get(f"hs_{judge}") for c in cs])[0]
