@@ -241,6 +241,13 @@ def _point_order(k: tuple[str, float]) -> tuple[int, float]:
     return (order.index(k[0]) if k[0] in order else len(order), k[1])
 
 
+def at_default_epochs(cells: Sequence[Cell], lr: float) -> list[Cell]:
+    """The cells of learning rate ``lr`` at that lr's shortest run (its default epochs): how the lr table, the
+    HS-vs-lr figure and the lr claim read an lr, so a longer run at the same lr does not enter its mean."""
+    cs = [c for c in cells if c.lr == lr]
+    return [c for c in cs if c.epochs == min(c.epochs for c in cs)] if cs else []
+
+
 def sweep_table(
     cells: Sequence[Cell], model: str, method: str, judge: str, primary: float, by: str
 ) -> tuple[list[str], list[list[Any]]]:
@@ -252,8 +259,7 @@ def sweep_table(
     for v in values:
         cs = [c for c in cells if c.model == model and c.method == method and getattr(c, by) == v]
         if by == "lr":
-            epochs = {c.epochs for c in cs}
-            cs = [c for c in cs if c.epochs == min(epochs)]
+            cs = at_default_epochs(cs, v)
         else:
             lrs = {c.lr for c in cs}
             cs = [c for c in cs if c.lr == max(lrs)]
@@ -312,16 +318,16 @@ def lr_figure(cells: Sequence[Cell], model: str, judge: str, primary: float, pat
     lrs = sorted({c.lr for c in cs})
     if len(lrs) < 2:
         return None
-    # per lr, its shortest run (the default epochs), as the lr table and the claim read them
-    epochs = {lr: min(c.epochs for c in cs if c.lr == lr) for lr in lrs}
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for key, label in (
         (("finetuned", 0.0), "attacked (SFT)"),
         (("antidote", primary), f"Antidote α {primary:g}"),
     ):
-        ys = [_stat([c.points.get(key, {}).get(f"hs_{judge}") for c in cs if c.lr == lr and c.epochs == epochs[lr]])[0]
-              for lr in lrs]  # fmt: skip
+        ys = [
+            _stat([c.points.get(key, {}).get(f"hs_{judge}") for c in at_default_epochs(cs, lr)])[0]
+            for lr in lrs
+        ]
         ax.plot(lrs, ys, marker="o", label=label)
     aligned = _stat([c.points.get(("aligned", 0.0), {}).get(f"hs_{judge}") for c in cs])[0]
     ax.axhline(aligned, color="k", ls="--", lw=1, label="aligned")
@@ -494,8 +500,7 @@ def _agnostic_claim(cells: Sequence[Cell], model: str, hs: str, judge: str, sour
     a, ft = ("antidote", PRIMARY_RATIO), ("finetuned", 0.0)
 
     def at(lr: float, key: tuple) -> float:
-        eps = min(c.epochs for c in sft if c.lr == lr)
-        return _stat([c.points.get(key, {}).get(hs) for c in sft if c.lr == lr and c.epochs == eps])[0]
+        return _stat([c.points.get(key, {}).get(hs) for c in at_default_epochs(sft, lr)])[0]
 
     if len(lrs) < 3:
         seen = "; ".join(f"lr {lr:g}: SFT {at(lr, ft):.1f}, Antidote {at(lr, a):.1f}" for lr in lrs)
