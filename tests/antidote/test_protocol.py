@@ -317,3 +317,20 @@ def test_lr_figure_reads_each_lr_at_its_default_epochs(monkeypatch, tmp_path):
     assert lines["attacked (SFT)"] == [20.0, 50.0]
     assert lines[f"Antidote α {R.PRIMARY_RATIO:g}"] == [8.0, 15.0]
     assert R.lr_figure(cells[:3], "m", "j", R.PRIMARY_RATIO, tmp_path / "g.png") is None  # one lr: no figure
+
+
+def test_lr_claim_does_not_count_a_longer_run_as_a_seed():
+    """Two seeds at 1e-5 and 1e-4 but one at 1e-3 stay "not testable" when 1e-3 also has a longer run: that
+    run is another setting, not a second seed (and its HS must not enter the lr's spread)."""
+    from robustlab.claims import NOT_TESTABLE
+
+    ft, ant = ("finetuned", 0.0), ("antidote", R.PRIMARY_RATIO)
+
+    def cell(lr, ep, hs_ft, hs_ant, seed=0):
+        return R.Cell(Path("."), "m", "sft", lr, ep, seed, {ft: {"hs_j": hs_ft}, ant: {"hs_j": hs_ant}}, {})
+
+    cells = [cell(lr, 6.0, hs, 9.0, seed) for lr, hs in ((1e-5, 10.0), (1e-4, 20.0)) for seed in (0, 1)]
+    cells.append(cell(1e-3, 6.0, 50.0, 10.0))
+    claim = R._agnostic_claim([*cells, cell(1e-3, 8.0, 90.0, 90.0)], "m", "hs_j", "j", "src")
+    assert claim.verdict == NOT_TESTABLE
+    assert "Antidote 1.0 vs SFT 40.0 pts (1 seed(s) per lr, no interval)" in claim.ours

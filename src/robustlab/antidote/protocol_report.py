@@ -517,7 +517,7 @@ def _agnostic_claim(cells: Sequence[Cell], model: str, hs: str, judge: str, sour
     sft_hs = [at(lr, ft) for lr in lrs]
     ant_hs = [at(lr, a) for lr in lrs]
     spread_s, spread_a = max(sft_hs) - min(sft_hs), max(ant_hs) - min(ant_hs)
-    seeds = min(sum(1 for c in sft if c.lr == lr) for lr in lrs)
+    seeds = min(len(at_default_epochs(sft, lr)) for lr in lrs)  # a longer run at an lr is not a seed
     ok = spread_a < spread_s and all(x <= y for x, y in zip(ant_hs, sft_hs, strict=True))
     return Claim(
         "antidote",
