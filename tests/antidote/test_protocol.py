@@ -70,6 +70,25 @@ def test_share_stages_reuses_alignment_and_finetune_only_when_signatures_match(t
     )
 
 
+def test_baselines_share_exactly_the_stages_their_training_methods_have_in_common(tmp_path: Path) -> None:
+    """A post step (SafeLoRA, RESTA, Antidote) starts from the fine-tuned model of its training stages: it
+    shares both stages; a fine-tuning defence (Lisa) only the alignment; an alignment defence nothing with
+    SFT, but both with the same alignment defence followed by a post step."""
+    cells = {k: {"seconds": 1} for k in ("stage=align", "stage=eval__point=aligned", "stage=finetune",
+                                         "stage=eval__point=finetuned")}  # fmt: skip
+
+    def mcfg(method: str):
+        return load_method_config(None, P.cell_overrides(frozen(), method, None, None, 0))
+
+    fake_run(tmp_path, "sft", mcfg("sft"), cells)
+    fake_run(tmp_path, "vsa", mcfg("vaccine+sft+antidote"), cells)
+    assert P.share_stages(tmp_path / "a", mcfg("safelora"), tmp_path) == {"align": "sft", "finetune": "sft"}
+    assert P.share_stages(tmp_path / "b", mcfg("resta"), tmp_path) == {"align": "sft", "finetune": "sft"}
+    assert P.share_stages(tmp_path / "c", mcfg("lisa"), tmp_path) == {"align": "sft"}
+    assert P.share_stages(tmp_path / "d", mcfg("vaccine"), tmp_path) == {"align": "vsa", "finetune": "vsa"}
+    assert P.share_stages(tmp_path / "e", mcfg("repnoise"), tmp_path) == {}
+
+
 def test_share_stages_treats_an_integer_and_a_float_setting_as_the_same(tmp_path: Path) -> None:
     """The pilot passes its epochs as a float (6.0), frozen.yaml as an integer (6): the same stage."""
     base = P.cell_overrides(frozen(), "sft", None, None, 0)

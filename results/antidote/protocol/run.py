@@ -56,6 +56,22 @@ def plan_cells(plan: str, frozen: dict) -> list[tuple[str, int, float | None, fl
     return out
 
 
+def method_settings(frozen: dict, plan: dict, method: str) -> dict:
+    """The frozen settings of one method's cells: SFT's as they are; a baseline's with ``plan.overrides``
+    merged in (``default`` for every baseline, then the method's own entry, section by section), declared in
+    ``frozen.yaml`` before any baseline ran."""
+    import copy
+
+    if method == "sft":
+        return frozen
+    table = plan.get("overrides", {})
+    out = copy.deepcopy(frozen)
+    for part in (table.get("default", {}), table.get(method, {})):
+        for section, values in part.items():
+            out[section] = {**out.get(section, {}), **values}
+    return out
+
+
 def export_seed_adapters(frozen: dict, model: str, seed: int, runs: Path) -> None:
     """Commit the frozen setting's aligned and attacked LoRA adapters of ``seed`` (from whichever run of
     that seed has them: the pilot's or the cell's, the same stages) for the quick demo."""
@@ -114,7 +130,7 @@ def restore_cell(frozen: dict, model: str, seed: int, runs: Path) -> None:
     import shutil
 
     from robustlab.antidote.baselines_pipeline import load_method_config
-    from robustlab.antidote.protocol import cell_name, cell_overrides, realign_and_reuse
+    from robustlab.antidote.protocol import cell_name, cell_overrides, realign_and_reuse, signatures
 
     mcfg = load_method_config(None, cell_overrides(frozen, "sft", None, None, seed))
     ft = mcfg.pipeline.finetune.train
@@ -137,6 +153,8 @@ def restore_cell(frozen: dict, model: str, seed: int, runs: Path) -> None:
         if not (run / "cells" / cell.name).exists():
             shutil.copy2(cell, run / "cells" / cell.name)
     shutil.copy2(committed / "metrics.jsonl", run / "metrics.jsonl")
+    # signed like run_cell's runs, so the baselines that start from this fine-tuned model share its stages
+    (run / "signatures.json").write_text(json.dumps(signatures(mcfg)), encoding="utf-8")
     print(f"{name}: run folder restored from the committed cell and adapters")
 
 
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         make_judges(["embedding"], cache=args.runs)
     for method, seed, lr, epochs in cells:
         run_cell(
-            frozen,
+            method_settings(frozen, plan, method),
             method,
             seed,
             runs,

@@ -87,7 +87,7 @@ LEVELS = {
 
 def signatures(mcfg: Any) -> dict[str, str]:
     """What the stages of a run depend on: ``align`` (base, seed, data, alignment stage, evaluation) and
-    ``finetune`` (that, the fine-tuning stage, the method and the defences' settings)."""
+    ``finetune`` (that, the fine-tuning stage, the training stages' methods and the defences' settings)."""
     from dataclasses import asdict
 
     cfg = mcfg.pipeline
@@ -103,7 +103,9 @@ def signatures(mcfg: Any) -> dict[str, str]:
     finetune = {
         **align,
         "finetune": asdict(cfg.finetune),
-        "method": mcfg.spec.name,
+        # the training stages' methods, not the post step: SafeLoRA / RESTA / Antidote after SFT start from
+        # the same fine-tuned model as SFT, and Vaccine+SFT+Antidote from Vaccine's
+        "method": f"{mcfg.spec.align}+{mcfg.spec.finetune}",
         "defences": mcfg.defences.as_dict(),
     }
     return {
