@@ -91,17 +91,10 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
             [c for c in sft if c.lr == lr], model, "sft", judge, R.PRIMARY_RATIO, "epochs"
         )
         lines += [f"#### {model}: epochs (lr {lr:g})", "", markdown_table(cols, rows), ""]
-    others = sorted({c.method for c in comparable if c.method != "sft"})
-    if others:
-        body = []
-        for m in others:
-            cs = R.group(comparable, model, m, lr, ep)
-            for k in sorted({k for c in cs for k in c.points if k[0] != "aligned"}, key=R._point_order):
-                pts = [c.points[k] for c in cs if k in c.points]
-                body.append([m, R.point_label(*k), len(pts), R.fmt_stat(R._stat([p.get(f"hs_{judge}") for p in pts])),
-                             R.fmt_stat(R._stat([p.get("fa") for p in pts]))])  # fmt: skip
-        lines += [f"#### {model}: baselines (same harness and data)", "",
-                  markdown_table(["method", "point", "seeds", f"HS % ({judge})", "FA %"], body), ""]  # fmt: skip
+    if any(c.method != "sft" for c in comparable):
+        cols, rows = R.baselines_table(comparable, mains, judge)
+        lines += [f"#### {model}: baselines (same harness, data and seeds; paired with SFT's attacked model)", "",
+                  markdown_table(cols, rows), ""]  # fmt: skip
     superseded = sorted(
         {(c.align, c.lr, c.epochs, c.n) for c in cells if c.model == model and c.method == "sft"}
         - {(c.align, c.lr, c.epochs, c.n) for c in sft}

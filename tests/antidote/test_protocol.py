@@ -353,3 +353,47 @@ def test_lr_claim_does_not_count_a_longer_run_as_a_seed():
     claim = R._agnostic_claim([*cells, cell(1e-3, 8.0, 90.0, 90.0)], "m", "hs_j", "j", "src")
     assert claim.verdict == NOT_TESTABLE
     assert "Antidote 1.0 vs SFT 40.0 pts (1 seed(s) per lr, no interval)" in claim.ours
+
+
+def test_baselines_table_pairs_each_baseline_with_sft_of_the_same_seed():
+    ft, ant = ("finetuned", 0.0), ("antidote", R.PRIMARY_RATIO)
+
+    def cell(method, seed, points):
+        return R.Cell(Path("."), "m", method, 1e-3, 6.0, seed, points, {})
+
+    def pt(hs, fa):
+        return {"hs_j": hs, "fa": fa, "hs_refusal": hs}
+
+    sft = [cell("sft", s, {("aligned", 0.0): pt(5.0, 0.0), ft: pt(50.0 + s, 85.0)}) for s in (0, 1)]
+    lisa = [cell("lisa", s, {("aligned", 0.0): pt(5.0, 0.0), ft: pt(40.0 + 3 * s, 80.0)}) for s in (0, 1)]
+    vsa = cell(
+        "vaccine+sft+antidote", 0, {("aligned", 0.0): pt(7.0, 0.0), ft: pt(30.0, 70.0), ant: pt(20.0, 60.0)}
+    )
+    cols, rows = R.baselines_table([*sft, *lisa, vsa], sft, "j")
+    by = {(r[0], r[1]): dict(zip(cols, r, strict=True)) for r in rows}
+    # Lisa's aligned model is SFT's alignment: not listed; its attacked point paired by seed: -10, -8
+    assert ("lisa", "aligned") not in by and by[("lisa", "attacked")]["seeds"] == 2
+    half = 12.706 * statistics.stdev([-10.0, -8.0]) / 2**0.5
+    assert by[("lisa", "attacked")]["HS − SFT attacked (paired)"] == f"-9.0 ± {half:.1f}"
+    assert by[("lisa", "attacked")]["FA − SFT attacked (paired)"] == "-5.0 ± 0.0"
+    # Vaccine aligns on its own: its aligned point is listed, unpaired
+    assert by[("vaccine+sft+antidote", "aligned")]["HS − SFT attacked (paired)"] == ""
+    assert by[("vaccine+sft+antidote", "Antidote, α = 0.1")]["HS − SFT attacked (paired)"] == "-30.0 (1 seed)"
+
+
+def test_vsa_claim_pairs_with_antidote_alone_and_vaccine_alone():
+    from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE
+
+    ft, ant = ("finetuned", 0.0), ("antidote", R.PRIMARY_RATIO)
+
+    def cell(method, seed, hs_ft, hs_ant):
+        return R.Cell(
+            Path("."), "m", method, 1e-3, 6.0, seed, {ft: {"hs_j": hs_ft}, ant: {"hs_j": hs_ant}}, {}
+        )
+
+    one = [cell("sft", 0, 50.0, 20.0), cell("vaccine+sft+antidote", 0, 30.0, 10.0)]
+    claim = R._vsa_claim(one, "m", "hs_j", "src", "scale")
+    assert claim.verdict == NOT_TESTABLE and "V-S-A − Antidote alone -10.0 pts (1 seed" in claim.ours
+    # two seeds: V-S-A below Antidote alone on both, but above Vaccine alone on one: not reproduced
+    two = [*one, cell("sft", 1, 50.0, 20.0), cell("vaccine+sft+antidote", 1, 5.0, 12.0)]
+    assert R._vsa_claim(two, "m", "hs_j", "src", "scale").verdict == NOT_REPRODUCED

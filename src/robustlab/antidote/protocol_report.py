@@ -533,17 +533,96 @@ def _agnostic_claim(cells: Sequence[Cell], model: str, hs: str, judge: str, sour
     )
 
 
-def _vsa_claim(cells: Sequence[Cell], model: str, hs: str, source: str, scale: str) -> Any:
-    from robustlab.claims import NOT_TESTABLE, Claim
+def baselines_table(
+    cells: Sequence[Cell], mains: Sequence[Cell], judge: str
+) -> tuple[list[str], list[list[Any]]]:
+    """One row per point of every baseline's cells at the main table's setting (``cells``: that setting's;
+    ``mains``: its SFT cells): HS by ``judge`` and by the refusal matcher, FA, and the paired differences to
+    the SFT-attacked model of the same seed (same prompts and SST-2 rows). A baseline's aligned point is
+    listed only when its alignment stage is its own (Vaccine, RepNoise, Booster); otherwise it is SFT's."""
+    from robustlab.antidote.methods import parse_method
 
-    vsa = [c for c in cells if c.model == model and c.method == "vaccine+sft+antidote"]
+    ft = ("finetuned", 0.0)
+    sft = {c.seed: c.points[ft] for c in mains if ft in c.points}
+    cols = ["method", "point", "seeds", f"HS % ({judge})", "HS − SFT attacked (paired)", "refusal-matcher HS %",
+            "FA % (SST-2)", "FA − SFT attacked (paired)"]  # fmt: skip
+    rows = []
+    for m in sorted({c.method for c in cells if c.method != "sft"}):
+        cs = [c for c in cells if c.method == m and (c.lr, c.epochs) == (mains[0].lr, mains[0].epochs)]
+        own_alignment = parse_method(m).align != "sft"
+        keys = {k for c in cs for k in c.points if own_alignment or k[0] != "aligned"}
+        for k in sorted(keys, key=_point_order):
+            pts = [(c.seed, c.points[k]) for c in cs if k in c.points]
+
+            def diff(key: str, pts: list = pts) -> str:
+                d = [paired_difference(p, sft[s], key) for s, p in pts if s in sft]
+                return fmt_stat(_stat(d)) if d else ""
+
+            label = "attacked" if k == ft else point_label(*k)
+            rows.append(
+                [
+                    m,
+                    label,
+                    len(pts),
+                    fmt_stat(_stat([p.get(f"hs_{judge}") for _, p in pts])),
+                    "" if k[0] == "aligned" else diff(f"hs_{judge}"),
+                    fmt_stat(_stat([p.get("hs_refusal") for _, p in pts])),
+                    fmt_stat(_stat([p.get("fa") for _, p in pts])),
+                    "" if k[0] == "aligned" else diff("fa"),
+                ]
+            )
+    return cols, rows
+
+
+def _vsa_claim(cells: Sequence[Cell], model: str, hs: str, source: str, scale: str) -> Any:
+    """V-S-A (Antidote at the frozen α on the Vaccine-aligned, SFT-attacked model) against Antidote alone
+    (S-A, the SFT cell of the same seed) and Vaccine alone (V-S-A's own attacked point), paired by seed; the
+    other baselines' defended points are named for the reading."""
+    from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Claim
+
+    name = "The V-S-A combination (Vaccine + SFT + Antidote) is best"
+    paper = "Table 14 (combinations): V-S-A best overall; numbers not retrieved"
+    a, ft = ("antidote", PRIMARY_RATIO), ("finetuned", 0.0)
+    vsa = {
+        c.seed: c for c in cells if c.model == model and c.method == "vaccine+sft+antidote" and a in c.points
+    }
+    sa = {c.seed: c for c in cells if c.model == model and c.method == "sft" and a in c.points}
+    seeds = sorted(set(vsa) & set(sa))
+    if not seeds:
+        return Claim("antidote", name, paper, f"{len(vsa)} V-S-A cell(s) with Antidote at α {PRIMARY_RATIO:g} committed",
+                     scale, NOT_TESTABLE, "needs a V-S-A cell and the SFT cell of the same seed.", source)  # fmt: skip
+    d_sa = _stat([paired_difference(vsa[s].points[a], sa[s].points[a], hs) for s in seeds])
+    d_v = _stat(
+        [paired_difference(vsa[s].points[a], vsa[s].points[ft], hs) for s in seeds if ft in vsa[s].points]
+    )
+    others = {}
+    for c in cells:
+        if (
+            c.model == model
+            and c.seed in seeds
+            and c.method not in ("sft", "vaccine+sft+antidote", "vaccine")
+        ):
+            post = [k for k in c.points if k[0] in ("safelora", "resta")]
+            k = post[0] if post else ft
+            if k in c.points and c.points[k].get(hs) is not None:
+                others.setdefault(c.method, []).append(c.points[k][hs])
+    best = min(others.items(), key=lambda kv: sum(kv[1]) / len(kv[1]), default=None)
+    v_hs = _stat([vsa[s].points[a].get(hs) for s in seeds])
+    ours = (
+        f"HS V-S-A {v_hs[0]:.1f}; V-S-A − Antidote alone {_ci_text(d_sa, ' pts')}; V-S-A − Vaccine alone "
+        f"{_ci_text(d_v, ' pts')}"
+        + (f"; best other baseline {best[0]} {sum(best[1]) / len(best[1]):.1f}" if best else "")
+    )
+    b_sa, b_v = _below(d_sa), _below(d_v)
+    verdict = NOT_TESTABLE if b_sa is None or b_v is None else REPRODUCED if b_sa and b_v else NOT_REPRODUCED
     return Claim(
         "antidote",
-        "The V-S-A combination (Vaccine + SFT + Antidote) is best",
-        "the paper's combination table; numbers not retrieved",
-        f"{len(vsa)} V-S-A cell(s) committed",
-        scale,
-        NOT_TESTABLE,
-        "not run: the CPU budget of this session went to the main table (see the protocol README).",
+        name,
+        paper,
+        ours,
+        f"{scale}; {len(seeds)} seed(s) of V-S-A",
+        verdict,
+        f"reproduced iff the 95% intervals of V-S-A's paired HS differences to Antidote alone and to Vaccine "
+        f"alone (α {PRIMARY_RATIO:g}, same seed and prompts) both lie below 0; not testable with one seed.",
         source,
     )
