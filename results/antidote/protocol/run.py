@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
 
 PLAN: ``export`` (export the evaluated points of unfinished cells), ``restore`` (rebuild the lost run folder
-of the unfinished frozen seed-0 cell from the committed cell and adapters, then resume it with ``sft:0``), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
+of the frozen seed-0 cell from its committed adapters and points, for the cells that share its stages), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
 re-alignment; the alignment stage is re-run and, when its adapter is bit-identical to the committed seed's,
 the committed aligned point is reused), ``main`` (SFT +
 Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
@@ -122,19 +122,23 @@ def reuse_aligned(frozen: dict, model: str, cell: tuple, runs: Path, results: Pa
 
 
 def restore_cell(frozen: dict, model: str, seed: int, runs: Path) -> None:
-    """Rebuild the run folder of an unfinished committed cell whose run folder was lost, so ``run.py main``
-    resumes it: the alignment stage is re-run and must be bit-identical to the committed seed's adapter (then
-    the committed aligned point is kept, :func:`robustlab.antidote.protocol.realign_and_reuse`); the
-    fine-tuning stage is the committed ``adapters-seed<k>/finetuned`` adapter, used only when
-    ``adapters.json`` names this cell; the committed points are copied, so only the missing ones run."""
-    import shutil
+    """Rebuild the lost run folder of the committed frozen cell of ``seed`` from its committed LoRA adapters
+    (``adapters-seed<k>``, used only when ``adapters.json`` names this cell) and its committed points, so
+    the cells that share its stages (the baselines after SFT, an unfinished grid) start from exactly the
+    models the committed points measured. The adapters are installed, not retrained: a re-run of the
+    alignment on another CPU differs from the committed adapter in the fourth significant digit
+    (floating-point kernels), which would make the committed points another model's."""
+    from dataclasses import asdict
 
     from robustlab.antidote.baselines_pipeline import load_method_config
-    from robustlab.antidote.protocol import cell_name, cell_overrides, realign_and_reuse, signatures
+    from robustlab.antidote.models import load_model
+    from robustlab.antidote.pipeline import save_checkpoint
+    from robustlab.antidote.protocol import cell_name, cell_overrides, signatures
+    from robustlab.runs import RunDir
 
     mcfg = load_method_config(None, cell_overrides(frozen, "sft", None, None, seed))
-    ft = mcfg.pipeline.finetune.train
-    name = cell_name("sft", ft.lr, ft.epochs, seed, mcfg.pipeline.data.n)
+    cfg, ft = mcfg.pipeline, mcfg.pipeline.finetune.train
+    name = cell_name("sft", ft.lr, ft.epochs, seed, cfg.data.n)
     committed = ROOT / "results" / "antidote" / model / name
     adapters = ROOT / "results" / "antidote" / model / f"adapters-seed{seed}"
     note = json.loads((adapters / "adapters.json").read_text(encoding="utf-8"))
@@ -142,20 +146,19 @@ def restore_cell(frozen: dict, model: str, seed: int, runs: Path) -> None:
         raise SystemExit(f"{adapters} holds the adapters of {note.get('cell')}, not of {name}")
     run = runs / name
     if (run / "cells").is_dir():
-        raise SystemExit(f"{run} exists: resume it with run.py sft:{seed}")
-    out = realign_and_reuse(
-        run, mcfg, adapters / "aligned", committed, echo=lambda msg: print(msg, flush=True), root=ROOT
-    )
-    if not out["reused"]:
-        raise SystemExit(f"{name}: the re-run alignment does not match the committed one; rerun the cell")
-    shutil.copytree(adapters / "finetuned", run / "stages" / "finetuned")
+        raise SystemExit(f"{run} exists: resume it with run.py sft:{seed}, or remove it to restore it")
+    RunDir.open(run, asdict(cfg), seed=cfg.seed)
+    aligned, tokenizer = load_model(cfg.base, adapter=adapters / "aligned")
+    save_checkpoint(aligned.merge_and_unload(), tokenizer, run / "stages" / "aligned")
+    for part, stage in (("aligned", "aligned-adapter"), ("finetuned", "finetuned")):
+        shutil.copytree(adapters / part, run / "stages" / stage)
     for cell in sorted((committed / "cells").glob("*.json")):
-        if not (run / "cells" / cell.name).exists():
-            shutil.copy2(cell, run / "cells" / cell.name)
+        shutil.copy2(cell, run / "cells" / cell.name)
     shutil.copy2(committed / "metrics.jsonl", run / "metrics.jsonl")
     # signed like run_cell's runs, so the baselines that start from this fine-tuned model share its stages
     (run / "signatures.json").write_text(json.dumps(signatures(mcfg)), encoding="utf-8")
-    print(f"{name}: run folder restored from the committed cell and adapters")
+    (run / "restored.json").write_text(json.dumps({"adapters": str(adapters.relative_to(ROOT))}) + "\n")
+    print(f"{name}: run folder restored from the committed adapters and points")
 
 
 def export_unfinished(runs: Path, results: Path) -> None:
