@@ -152,6 +152,7 @@ def restore_cell(frozen: dict, model: str, seed: int, runs: Path) -> None:
     save_checkpoint(aligned.merge_and_unload(), tokenizer, run / "stages" / "aligned")
     for part, stage in (("aligned", "aligned-adapter"), ("finetuned", "finetuned")):
         shutil.copytree(adapters / part, run / "stages" / stage)
+    (run / "cells").mkdir(exist_ok=True)
     for cell in sorted((committed / "cells").glob("*.json")):
         shutil.copy2(cell, run / "cells" / cell.name)
     shutil.copy2(committed / "metrics.jsonl", run / "metrics.jsonl")
