@@ -74,6 +74,7 @@ def test_pipeline_runs_a_combination(tmp_path, shared_data):
                 "max_new_tokens_task": 2,
                 "max_length": 64,
                 "max_prompt": 48,
+                "keep_answers": True,
             },
         }
     )
@@ -83,3 +84,12 @@ def test_pipeline_runs_a_combination(tmp_path, shared_data):
     resta_row = summary["rows"][2]
     assert resta_row["resta_dropped"] > 0
     assert resta_row["nll_harmful"] != summary["rows"][1]["nll_harmful"]  # RESTA changed the model
+    # the post step's point stores every answer and task output like the pipeline's points (rescoring and
+    # paired differences read them), and the summary row leaves them out
+    import json
+
+    cells = tmp_path / "run" / "cells"
+    for point in ("finetuned", "resta"):
+        row = json.loads((cells / f"stage=eval__point={point}.json").read_text())
+        assert len(row["answers_harmful"]) == 4 and len(row["answers_task"]) == 4, point
+    assert not any(k.startswith("answers") for k in resta_row)

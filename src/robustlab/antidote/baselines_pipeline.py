@@ -69,9 +69,8 @@ def load_method_config(path: str | Path | None = None, overrides: dict | None = 
 def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any = print) -> dict[str, Any]:
     """Run (or resume) the pipeline for one method into ``out``; returns the pipeline summary with the post
     step's row added (``results.md`` and ``summary.json`` are rewritten with it)."""
-    from robustlab.antidote.evaluate import EvalSettings, evaluate_model
     from robustlab.antidote.models import load_model
-    from robustlab.antidote.pipeline import make_judges, pipeline_data, run_pipeline
+    from robustlab.antidote.pipeline import evaluate_point, make_judges, pipeline_data, run_pipeline
     from robustlab.antidote.pipeline_report import results_table
     from robustlab.runs import RunDir, atomic_write_json, cell_key, read_json
 
@@ -111,29 +110,17 @@ def run_method_pipeline(mcfg: MethodPipelineConfig, out: str | Path, echo: Any =
             params=params,
             seed=cfg.seed,
         )
-        ev = cfg.evaluate
-        settings = EvalSettings(
-            ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
-        )
-        judges = make_judges(ev.judges, d.data_dir, out, cfg.seed, ev.judge_model)
+        judges = make_judges(cfg.evaluate.judges, d.data_dir, out, cfg.seed, cfg.evaluate.judge_model)
+        # the same measures and stored answers as the pipeline's points (rescoring, paired differences)
         row = {
             "stage": spec.post,
             "ratio": 0.0,
             **info,
-            **evaluate_model(
-                model,
-                tokenizer,
-                d.task,
-                data.eval_harmful,
-                data.eval_task,
-                data.heldout_harmful,
-                judges,
-                settings,
-            ),
+            **evaluate_point(cfg, data, judges, model, tokenizer),
         }
         run.save(key, row)
-        run.log(**{k: v for k, v in row.items() if not str(k).startswith("samples")})
-    post_row = {k: v for k, v in run.load(key).items() if not str(k).startswith("samples")}
+        run.log(**{k: v for k, v in row.items() if not str(k).startswith(("samples", "answers"))})
+    post_row = {k: v for k, v in run.load(key).items() if not str(k).startswith(("samples", "answers"))}
     rows = [*summary["rows"][:2], post_row, *summary["rows"][2:]]
     table = results_table(rows, cfg.evaluate.judges)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")

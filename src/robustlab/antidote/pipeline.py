@@ -336,6 +336,42 @@ def align_stage(cfg: PipelineConfig, run: Any, data: Any, params: DefenceParams,
     return str(aligned_dir)
 
 
+def evaluate_point(
+    cfg: PipelineConfig, data: Any, judges: dict, model: Any, tokenizer: Any, grid: bool = False
+) -> dict[str, Any]:
+    """Every measure of one evaluated point of a run (:func:`robustlab.antidote.evaluate.evaluate_model`) on
+    the run's evaluation prompts and task rows (with ``grid``: their first ``n_eval_*_grid``), keeping every
+    answer and task output when ``evaluate.keep_answers`` (what rescoring and paired differences read)."""
+    from robustlab.antidote.evaluate import EvalSettings, evaluate_model
+
+    t = time.perf_counter()
+    ev = cfg.evaluate
+    settings = EvalSettings(
+        ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
+    )
+    prompts, rows = data.eval_harmful, data.eval_task
+    if grid:
+        prompts = prompts[: ev.n_eval_harmful_grid] if ev.n_eval_harmful_grid is not None else prompts
+        rows = rows[: ev.n_eval_task_grid] if ev.n_eval_task_grid is not None else rows
+    m = evaluate_model(
+        model,
+        tokenizer,
+        cfg.data.task,
+        prompts,
+        rows,
+        data.heldout_harmful,
+        judges,
+        settings,
+        keep_outputs=max(len(prompts), len(rows)) if ev.keep_answers else 5,
+    )
+    if ev.keep_answers:
+        m["answers_harmful"] = m.pop("samples_harmful", [])
+        m["answers_task"] = m.pop("samples_task", [])
+    m["n_eval_harmful"], m["n_eval_task"] = len(prompts), len(rows)
+    m["eval_seconds"] = round(time.perf_counter() - t, 2)
+    return m
+
+
 def run_pipeline(
     cfg: PipelineConfig, out: str | Path, echo: Any = print, params: DefenceParams | None = None
 ) -> dict[str, Any]:
@@ -343,7 +379,6 @@ def run_pipeline(
     ``params``: the hyper-parameters of the stage methods (the papers' by default)."""
     import copy
 
-    from robustlab.antidote.evaluate import EvalSettings, evaluate_model
     from robustlab.antidote.models import load_model
     from robustlab.antidote.realign import (
         apply_masks,
@@ -364,33 +399,9 @@ def run_pipeline(
     seed_everything(cfg.seed)
     judges = make_judges(cfg.evaluate.judges, cfg.data.data_dir, run.path, cfg.seed, cfg.evaluate.judge_model)
     ev = cfg.evaluate
-    settings = EvalSettings(
-        ev.max_new_tokens_harmful, ev.max_new_tokens_task, ev.batch_size, ev.max_prompt, ev.max_length
-    )
 
     def evaluate(model: Any, tokenizer: Any, grid: bool = False) -> dict:
-        t = time.perf_counter()
-        prompts, rows = data.eval_harmful, data.eval_task
-        if grid:
-            prompts = prompts[: ev.n_eval_harmful_grid] if ev.n_eval_harmful_grid is not None else prompts
-            rows = rows[: ev.n_eval_task_grid] if ev.n_eval_task_grid is not None else rows
-        m = evaluate_model(
-            model,
-            tokenizer,
-            cfg.data.task,
-            prompts,
-            rows,
-            data.heldout_harmful,
-            judges,
-            settings,
-            keep_outputs=max(len(prompts), len(rows)) if ev.keep_answers else 5,
-        )
-        if ev.keep_answers:
-            m["answers_harmful"] = m.pop("samples_harmful", [])
-            m["answers_task"] = m.pop("samples_task", [])
-        m["n_eval_harmful"], m["n_eval_task"] = len(prompts), len(rows)
-        m["eval_seconds"] = round(time.perf_counter() - t, 2)
-        return m
+        return evaluate_point(cfg, data, judges, model, tokenizer, grid)
 
     def record(key: str, meta: dict, compute: Any) -> dict:
         if run.is_done(key):
