@@ -92,7 +92,7 @@ class LisaLoss:
         if self.steps > self.warmup and self.rho > 0:
             other = "finetune" if self.state == "alignment" else "alignment"
             term = proximal_term(trainable(model), self.snapshots[other], self.rho)
-            prox = float(term)
+            prox = float(term.detach())
             loss = loss + term
         self.history.append((self.steps, self.state, prox))
         self.clock += 1
