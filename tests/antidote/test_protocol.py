@@ -369,13 +369,19 @@ def test_baselines_table_pairs_each_baseline_with_sft_of_the_same_seed():
     vsa = cell(
         "vaccine+sft+antidote", 0, {("aligned", 0.0): pt(7.0, 0.0), ft: pt(30.0, 70.0), ant: pt(20.0, 60.0)}
     )
-    cols, rows = R.baselines_table([*sft, *lisa, vsa], sft, "j")
+    resta = cell(
+        "resta", 0, {("aligned", 0.0): pt(5.0, 0.0), ft: pt(50.0, 85.0), ("resta", 0.0): pt(45.0, 80.0)}
+    )
+    cols, rows = R.baselines_table([*sft, *lisa, vsa, resta], sft, "j")
     by = {(r[0], r[1]): dict(zip(cols, r, strict=True)) for r in rows}
     # Lisa's aligned model is SFT's alignment: not listed; its attacked point paired by seed: -10, -8
     assert ("lisa", "aligned") not in by and by[("lisa", "attacked")]["seeds"] == 2
     half = 12.706 * statistics.stdev([-10.0, -8.0]) / 2**0.5
     assert by[("lisa", "attacked")]["HS − SFT attacked (paired)"] == f"-9.0 ± {half:.1f}"
     assert by[("lisa", "attacked")]["FA − SFT attacked (paired)"] == "-5.0 ± 0.0"
+    # RESTA starts from SFT's attacked model: only its own point is listed
+    assert [k for k in by if k[0] == "resta"] == [("resta", "RESTA")]
+    assert by[("resta", "RESTA")]["HS − SFT attacked (paired)"] == "-5.0 (1 seed)"
     # Vaccine aligns on its own: its aligned point is listed, unpaired
     assert by[("vaccine+sft+antidote", "aligned")]["HS − SFT attacked (paired)"] == ""
     assert by[("vaccine+sft+antidote", "Antidote, α = 0.1")]["HS − SFT attacked (paired)"] == "-30.0 (1 seed)"

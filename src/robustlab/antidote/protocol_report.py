@@ -539,7 +539,8 @@ def baselines_table(
     """One row per point of every baseline's cells at the main table's setting (``cells``: that setting's;
     ``mains``: its SFT cells): HS by ``judge`` and by the refusal matcher, FA, and the paired differences to
     the SFT-attacked model of the same seed (same prompts and SST-2 rows). A baseline's aligned point is
-    listed only when its alignment stage is its own (Vaccine, RepNoise, Booster); otherwise it is SFT's."""
+    listed only when its alignment stage is its own (Vaccine, RepNoise, Booster), its attacked point only
+    when a training stage is (not for SafeLoRA or RESTA, which start from SFT's attacked model)."""
     from robustlab.antidote.methods import parse_method
 
     ft = ("finetuned", 0.0)
@@ -549,8 +550,9 @@ def baselines_table(
     rows = []
     for m in sorted({c.method for c in cells if c.method != "sft"}):
         cs = [c for c in cells if c.method == m and (c.lr, c.epochs) == (mains[0].lr, mains[0].epochs)]
-        own_alignment = parse_method(m).align != "sft"
-        keys = {k for c in cs for k in c.points if own_alignment or k[0] != "aligned"}
+        spec = parse_method(m)
+        own = {"aligned": spec.align != "sft", "finetuned": spec.align != "sft" or spec.finetune != "sft"}
+        keys = {k for c in cs for k in c.points if own.get(k[0], True)}
         for k in sorted(keys, key=_point_order):
             pts = [(c.seed, c.points[k]) for c in cs if k in c.points]
 
