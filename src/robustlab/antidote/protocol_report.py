@@ -607,13 +607,23 @@ def _vsa_claim(cells: Sequence[Cell], model: str, hs: str, source: str, scale: s
             post = [k for k in c.points if k[0] in ("safelora", "resta")]
             k = post[0] if post else ft
             if k in c.points and c.points[k].get(hs) is not None:
-                others.setdefault(c.method, []).append(c.points[k][hs])
-    best = min(others.items(), key=lambda kv: sum(kv[1]) / len(kv[1]), default=None)
+                others.setdefault(c.method, []).append((c.points[k][hs], c.points[k].get("fa", math.nan)))
+    best = min(others.items(), key=lambda kv: sum(h for h, _ in kv[1]) / len(kv[1]), default=None)
     v_hs = _stat([vsa[s].points[a].get(hs) for s in seeds])
+    v_fa = _stat([vsa[s].points[a].get("fa") for s in seeds])
+
+    def mean(xs: list) -> float:
+        return sum(xs) / len(xs)
+
     ours = (
-        f"HS V-S-A {v_hs[0]:.1f}; V-S-A − Antidote alone {_ci_text(d_sa, ' pts')}; V-S-A − Vaccine alone "
-        f"{_ci_text(d_v, ' pts')}"
-        + (f"; best other baseline {best[0]} {sum(best[1]) / len(best[1]):.1f}" if best else "")
+        f"HS V-S-A {v_hs[0]:.1f} (FA {v_fa[0]:.1f}); V-S-A − Antidote alone {_ci_text(d_sa, ' pts')}; "
+        f"V-S-A − Vaccine alone {_ci_text(d_v, ' pts')}"
+        + (
+            f"; lowest HS of the other baselines: {best[0]} {mean([h for h, _ in best[1]]):.1f} "
+            f"(FA {mean([f for _, f in best[1]]):.1f})"
+            if best
+            else ""
+        )
     )
     b_sa, b_v = _below(d_sa), _below(d_v)
     verdict = NOT_TESTABLE if b_sa is None or b_v is None else REPRODUCED if b_sa and b_v else NOT_REPRODUCED
