@@ -49,9 +49,23 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
         return []
     judge = R.judge_of(mains)
     lr, ep = mains[0].lr, mains[0].epochs
+    verdict = R.pilot_verdict(mains)
+    rule = (
+        f"the pilot rule: FA(attacked) ≥ {R.PILOT_MIN_FA:g}% and HS(attacked) − HS(aligned) ≥ "
+        f"{R.PILOT_MIN_GAP:g} points, {R.PILOT_JUDGE} judge"
+    )
+    if verdict is None:
+        status = f"pilot seed 0 not yet evaluated against {rule}; the settings are not frozen yet"
+    else:
+        ok, fa, gap = verdict
+        status = f"seed 0, the pilot, {'passes' if ok else 'FAILS'} {rule} (FA {fa:.1f}%, gap {gap:+.1f})" + (
+            "" if ok else ": nothing is frozen for this model and this table is a record, not evidence"
+        )
     lines = [
-        f"#### {model}: the main table (SFT attack on n = {mains[0].n} at lr {lr:g}, {ep:g} epochs after "
-        f"{mains[0].align}; mean ± 95% CI over seeds)",
+        f"#### {model}: {'the main table' if verdict and verdict[0] else 'the declared setting'} (SFT attack "
+        f"on n = {mains[0].n} at lr {lr:g}, {ep:g} epochs after {mains[0].align}; mean ± 95% CI over seeds)",
+        "",
+        f"Status: {status}.",
         "",
     ]
     cols, rows = R.main_table(mains, judge)
