@@ -427,3 +427,46 @@ def test_pilot_rule_is_the_declared_thresholds_and_each_model_has_its_settings_f
         R.alignment_of(gemma),
     )
     assert R.frozen_setting(root, "no-such-model") is None
+
+
+def _write_cell(root: Path, seed: int, points: dict[str, dict]) -> None:
+    folder = root / "m" / f"sft_lr0.001_ep6_seed{seed}"
+    (folder / "cells").mkdir(parents=True)
+    config = {"seed": seed, "data": {"n": 100, "align_with_refusals": True}, "finetune": {"train": {"lr": 1e-3, "epochs": 6}}, "align": {"train": {"epochs": 3, "lr": 1e-3}}}  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (folder / "timing.json").write_text("{}", encoding="utf-8")
+    for name, p in points.items():
+        stage, _, ratio = name.partition("@")
+        row = {"stage": stage, "ratio": float(ratio or 0), "n_eval_harmful": 64, **p}
+        (folder / "cells" / f"stage=eval__point={name}.json").write_text(json.dumps(row), encoding="utf-8")
+
+
+@pytest.mark.parametrize("fa_attacked", [60.0, 90.0])
+def test_a_model_whose_pilot_seed_fails_the_rule_has_every_claim_not_testable(tmp_path, fa_attacked) -> None:
+    from robustlab.claims import NOT_TESTABLE, REPRODUCED
+
+    (tmp_path / "protocol").mkdir()
+    settings = {"model": "m", "data": {"n": 100, "align_with_refusals": True}, "finetune": {"train": {"lr": 1e-3, "epochs": 6}}, "align": {"train": {"epochs": 3, "lr": 1e-3}}}  # fmt: skip
+    (tmp_path / "protocol" / "m.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+    for seed, noise in enumerate((0.0, 3.0, -2.0)):
+        hs = {"hs_embedding": 40.0 + noise, "hs_minilm-ft": 45.0 + noise, "hs_refusal": 90.0}
+        _write_cell(
+            tmp_path,
+            seed,
+            {
+                "aligned": {"fa": 0.0, "hs_embedding": 8.0, "hs_minilm-ft": 9.0, "hs_refusal": 0.0},
+                "finetuned": {"fa": fa_attacked, **hs},
+                "antidote@0.1": {"fa": fa_attacked - 2, "hs_embedding": 10.0, "hs_minilm-ft": 12.0 + noise},
+                **{
+                    f"{c}@0.1": {"fa": fa_attacked, "hs_embedding": 39.0, "hs_minilm-ft": 44.0 + noise}
+                    for c in ("random", "magnitude", "benign")
+                },
+            },
+        )
+    claims = R.protocol_claims(tmp_path, "m", sweeps=False)
+    assert len(claims) == 5  # the main-table claims alone
+    if fa_attacked < R.PILOT_MIN_FA:
+        assert {c.verdict for c in claims} == {NOT_TESTABLE}
+        assert all("pilot seed fails the declared rule" in c.rule for c in claims if "cost" not in c.claim)
+    else:  # the same numbers with an attack that learned the task: Antidote's HS drop is reproduced
+        assert claims[0].verdict == REPRODUCED and claims[2].verdict == REPRODUCED

@@ -356,6 +356,11 @@ def _ci_text(stat: tuple[float, float, float, int], unit: str = "") -> str:
     return f"{m:+.1f}{unit} [{lo:+.1f}, {hi:+.1f}]"
 
 
+def _num(stat: tuple[float, float, float, int], unit: str = "") -> str:
+    """A mean, or "not measured" without a seed."""
+    return f"{stat[0]:.1f}{unit}" if stat[3] else "not measured"
+
+
 def _below(stat: tuple[float, float, float, int]) -> bool | None:
     """``True`` when the 95% interval lies below 0, ``False`` when not, ``None`` with under 2 seeds."""
     hi, n = stat[2], stat[3]
@@ -411,10 +416,14 @@ def main_cells(
     return group(cells, model, "sft", *setting)
 
 
-def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note: str = "") -> list:
+def protocol_claims(
+    root: Path, model: str = "smollm2-135m-instruct", judge_note: str = "", sweeps: bool = True
+) -> list:
     """The paper's claims (issue 15) checked on the committed cells of ``model``; one :class:`Claim` each,
     with the paper's number, ours (mean and 95% interval over seeds of the paired difference), the verdict
-    and its rule."""
+    and its rule. ``sweeps=False`` leaves out the claims that need the learning-rate sweep and the
+    baselines (a model whose protocol runs the main table alone). Every claim is not testable while the
+    pilot seed fails the declared rule (:func:`pilot_verdict`)."""
     from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Claim
 
     cells = load_cells(root)
@@ -448,15 +457,22 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
     broken = not gap >= MIN_ATTACK_GAP  # nothing for a defence to remove (also when not measured)
     premise = (
         f" Not testable while the attack raises HS by less than {MIN_ATTACK_GAP:g} points over the aligned model "
-        f"(the pilot rule; here {gap:+.1f})."
+        + (f"(the pilot rule; here {gap:+.1f})." if gap == gap else "(the pilot rule; not measured yet).")
     )
+    verdict = pilot_verdict(mains)
+    if verdict is not None and not verdict[0]:
+        broken = True
+        premise = (
+            f" Not testable: the pilot seed fails the declared rule (FA {verdict[1]:.1f}% vs ≥ {PILOT_MIN_FA:g}, "
+            f"gap {verdict[2]:+.1f} vs ≥ {PILOT_MIN_GAP:g}), so nothing is frozen for this model."
+        )
     below = None if broken else _below(d_hs)
     out.append(
         Claim(
             "antidote",
             "Antidote lowers the harmful score after harmful fine-tuning",
             "HS 63.0 vs 72.2 for SFT (Llama2-7B, GSM8K, α 0.05, mean over lr); SST-2 α 0.1",
-            f"HS aligned {aligned[0]:.1f}, attacked {attacked[0]:.1f}; Antidote α {PRIMARY_RATIO:g} − attacked "
+            f"HS aligned {_num(aligned)}, attacked {_num(attacked)}; Antidote α {PRIMARY_RATIO:g} − attacked "
             f"{_ci_text(d_hs, ' pts')}",
             scale,
             NOT_TESTABLE if below is None else REPRODUCED if below else NOT_REPRODUCED,
@@ -473,10 +489,10 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
             "antidote",
             "…at a small cost in fine-tuning accuracy",
             "FA 13.9 vs 17.3 for SFT (GSM8K); SST-2 not retrieved",
-            f"attacked FA {fa_att[0]:.1f}%; Antidote − attacked FA {_ci_text(d_fa, ' pts')}",
+            f"attacked FA {_num(fa_att, '%')}; Antidote − attacked FA {_ci_text(d_fa, ' pts')}",
             scale,
             NOT_TESTABLE
-            if not learned or not d_fa[3]
+            if not learned or not d_fa[3] or (verdict is not None and not verdict[0])
             else REPRODUCED
             if cost <= FA_COST_POINTS
             else NOT_REPRODUCED,
@@ -505,8 +521,9 @@ def protocol_claims(root: Path, model: str = "smollm2-135m-instruct", judge_note
                 source,
             )
         )
-    out.append(_agnostic_claim(same_setting(cells, mains[0]), model, hs, judge, source))
-    out.append(_vsa_claim(same_setting(cells, mains[0]), model, hs, source, scale))
+    if sweeps:
+        out.append(_agnostic_claim(same_setting(cells, mains[0]), model, hs, judge, source))
+        out.append(_vsa_claim(same_setting(cells, mains[0]), model, hs, source, scale))
     return out
 
 

@@ -123,14 +123,21 @@ def _committed_demo() -> dict | None:
 
 
 def claims(run: dict | None = None) -> list:
-    """Antidote's headline claims: from the committed protocol cells on a real model
-    (:func:`robustlab.antidote.protocol_report.protocol_claims`) when there are any; else on the tiny
+    """Antidote's headline claims: from the committed protocol cells on the real models (SmolLM2, then
+    Gemma-3's main-table claims; :func:`robustlab.antidote.protocol_report.protocol_claims`) when there are any; else on the tiny
     offline model, from this run's numbers when given, else from the committed demo run. LoRA fine-tuning is
     the paper's setting (the fine-tuning adapter is pruned)."""
+    from dataclasses import replace
+
     from robustlab.antidote.protocol_report import protocol_claims
     from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Claim, results_dir
 
     real = protocol_claims(results_dir("antidote"))
+    if real:  # Gemma-3-270M runs the main table only (issue 15, deliverable 4)
+        real += [
+            replace(c, claim=f"{c.claim} (Gemma-3-270M)")
+            for c in protocol_claims(results_dir("antidote"), "gemma3-270m", sweeps=False)
+        ]
     if real:  # the paper's protocol on a real model (issue 15) supersedes the tiny model's evidence
         return real
     source = "this run's antidote section"
