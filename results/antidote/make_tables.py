@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from robustlab.antidote import protocol_report as R
@@ -44,9 +45,21 @@ def judges_text() -> str:
 
 
 def model_block(cells: list, model: str, rel: str) -> list[str]:
-    mains = R.main_cells(cells, model, R.frozen_setting(HERE, model))
-    if not mains:
-        return []
+    frozen = R.frozen_setting(HERE, model)
+    mains = R.main_cells(cells, model, frozen)
+    if not mains:  # the frozen setting has no cell yet: say so, then the model's other cells as records
+        if frozen is None:
+            return []
+        lr_f, ep_f, n_f, align_f = frozen
+        return [
+            f"#### {model}: the declared setting (SFT attack on n = {n_f} at lr {lr_f:g}, {ep_f:g} epochs "
+            f"after {align_f})",
+            "",
+            "Status: no cell of this setting committed yet, so its pilot seed 0 is not evaluated against the "
+            "pilot rule and nothing is frozen for this model.",
+            "",
+            *records(cells, model, set()),
+        ]
     judge = R.judge_of(mains)
     lr, ep = mains[0].lr, mains[0].epochs
     verdict = R.pilot_verdict(mains)
@@ -109,16 +122,32 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
         cols, rows = R.baselines_table(comparable, mains, judge)
         lines += [f"#### {model}: baselines (same harness, data and seeds; paired with SFT's attacked model)", "",
                   markdown_table(cols, rows), ""]  # fmt: skip
-    superseded = sorted(
-        {(c.align, c.lr, c.epochs, c.n) for c in cells if c.model == model and c.method == "sft"}
-        - {(c.align, c.lr, c.epochs, c.n) for c in sft}
-    )
-    for align, lr_o, ep_o, n_o in superseded:  # a pilot candidate's cells that were run before the freeze
+    # a sweep table above shows a one-seed setting's primary point; a setting with more seeds, or one the
+    # sweeps do not compare (another alignment or n), gets its whole table
+    settings = Counter((c.align, c.lr, c.epochs, c.n) for c in sft)
+    shown = {(c.align, c.lr, c.epochs, c.n) for c in mains} | {
+        k for k, seeds in settings.items() if seeds < 2
+    }
+    return lines + records(cells, model, shown)
+
+
+def records(cells: list, model: str, shown: set) -> list[str]:
+    """The whole table of each of ``model``'s SFT settings not in ``shown``: a pilot candidate run before
+    the freeze, or a declared setting whose pilot seed failed the rule."""
+    lines = []
+    others = sorted({(c.align, c.lr, c.epochs, c.n) for c in cells if c.model == model and c.method == "sft"})
+    for align, lr_o, ep_o, n_o in (k for k in others if k not in shown):
         cs = R.group(cells, model, "sft", lr_o, ep_o, n_o, align)
         cols, rows = R.main_table(cs, R.judge_of(cs))
+        verdict = R.pilot_verdict(cs)
+        why = (
+            f"its pilot seed 0 fails the pilot rule (FA {verdict[1]:.1f}%, gap {verdict[2]:+.1f})"
+            if verdict is not None and not verdict[0]
+            else "not the frozen setting"
+        )
         lines += [
-            f"#### {model}: not the frozen setting — SFT on n = {n_o} at lr {lr_o:g}, {ep_o:g} epochs after "
-            f"{align} (cells run before the pilot froze another setting; a record, not evidence for the claims)",
+            f"#### {model}: SFT on n = {n_o} at lr {lr_o:g}, {ep_o:g} epochs after {align} — {why}; a record, "
+            "not evidence for the claims",
             "",
             markdown_table(cols, rows),
             "",

@@ -28,7 +28,15 @@ ROOT = HERE.parents[2]
 
 
 def frozen_settings(name: str) -> dict:
-    return yaml.safe_load((HERE / name).read_text(encoding="utf-8"))
+    """A settings file by its name beside this script (``gemma.yaml``) or by its path."""
+    path = HERE / Path(name).name if not Path(name).is_file() else Path(name)
+    if not path.is_file():
+        print(
+            f"--settings {name}: no such settings file; name one in {HERE.relative_to(ROOT)}/",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def plan_cells(plan: str, frozen: dict) -> list[tuple[str, int, float | None, float | None]]:
