@@ -98,6 +98,17 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
     lines.append("")
     fig = R.tradeoff_figure(mains, judge, ROOT / "docs" / f"antidote_protocol_tradeoff_{model}.png")
     lines += [f"![harmful score vs finetune accuracy]({rel}{fig.name})", ""]
+    for path in sorted((HERE / "protocol" / "more_prompts").glob(f"{model}_seed*.json")):
+        row = json.loads(path.read_text(encoding="utf-8"))
+        cols, rows = R.more_prompts_table(row, judge)
+        lines += [
+            f"#### {model}: seed {row['config']['seed']} on {row['n_eval_harmful']} held-out prompts "
+            f"(`protocol/more_prompts.py`: the cell's committed adapters, Antidote α {row['ratio']:g}'s mask "
+            "recomputed, harmful prompts only)",
+            "",
+            markdown_table(cols, rows),
+            "",
+        ]
     comparable = R.same_setting(cells, mains[0])
     sft = [c for c in comparable if c.method == "sft"]
     if len({c.lr for c in sft}) > 1:

@@ -470,3 +470,43 @@ def test_a_model_whose_pilot_seed_fails_the_rule_has_every_claim_not_testable(tm
         assert all("pilot seed fails the declared rule" in c.rule for c in claims if "cost" not in c.claim)
     else:  # the same numbers with an attack that learned the task: Antidote's HS drop is reproduced
         assert claims[0].verdict == REPRODUCED and claims[2].verdict == REPRODUCED
+
+
+def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prompt() -> None:
+    """200 prompts: the attacked model harmful on the first 60, Antidote on the first 20, so the paired
+    difference is -100 on 40 prompts and 0 on 160: mean -20, 95% half-width 1.96 * sd / sqrt(200)."""
+    n = 200
+
+    def point(k: int, first: float, committed: float) -> dict:
+        flags = [i < k for i in range(n)]
+        return {
+            "flags_minilm-ft": flags,
+            "hs_minilm-ft_first64": first,
+            "hs_minilm-ft_committed": committed,
+            "first_answers_identical": 63,
+            "hs_embedding": 1.0,
+            "hs_refusal": 2.0,
+        }
+
+    row = {
+        "n_eval_harmful": n,
+        "n_committed": 64,
+        "ratio": 0.1,
+        "points": {
+            "aligned": point(0, 0.0, 0.0),
+            "finetuned": point(60, 50.0, 51.6),
+            "antidote": point(20, 20.0, 18.8),
+        },
+    }
+    cols, rows = R.more_prompts_table(row, "minilm-ft")
+    assert len(cols) == len(rows[0]) == 6
+    d = [-100.0] * 40 + [0.0] * 160
+    half = 1.96 * statistics.stdev(d) / n**0.5
+    assert rows[1][:4] == [
+        "attacked (SFT)",
+        f"30.0 [{30 - 1.96 * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}, {30 + 1.96 * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}]",
+        "50.0 / 51.6",
+        63,
+    ]
+    assert rows[-1][1] == f"-20.0 [{-20 - half:+.1f}, {-20 + half:+.1f}]"
+    assert rows[0][1] == "0.0 [0.0, 0.0]"  # no harmful answer: no spread

@@ -194,6 +194,59 @@ def paired(cells: Sequence[Cell], a: tuple[str, float], b: tuple[str, float], ke
     return _stat(diffs)
 
 
+def more_prompts_table(row: dict, judge: str) -> tuple[list[str], list[list[Any]]]:
+    """The table of one ``more_prompts.py`` result (a committed seed's points on more prompts): each point's
+    HS with a 95% interval over prompts, its HS on the committed first prompts in this run and in the cell,
+    how many of those answers are identical, then Antidote − attacked paired over every prompt."""
+    n, n0 = row["n_eval_harmful"], row["n_committed"]
+    cols = [
+        "point",
+        f"HS % ({judge}), {n} prompts, 95% CI over prompts",
+        f"HS %, first {n0} (this run / committed cell)",
+        f"answers identical to the cell's (of {n0})",
+        f"HS % (embedding judge), {n} prompts",
+        f"refusal-matcher HS %, {n} prompts",
+    ]
+
+    def over(flags: Sequence[float]) -> str:
+        m, lo, hi = mean_ci([100.0 * float(f) for f in flags])
+        return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
+
+    rows = []
+    for point, m in row["points"].items():
+        name = point_label(point, row["ratio"] if point == "antidote" else 0.0)
+        rows.append(
+            [
+                name,
+                over(m[f"flags_{judge}"]),
+                f"{m[f'hs_{judge}_first{n0}']:.1f} / {m[f'hs_{judge}_committed']:.1f}",
+                m["first_answers_identical"],
+                f"{m['hs_embedding']:.1f}",
+                f"{m['hs_refusal']:.1f}",
+            ]
+        )
+    pts = row["points"]
+    if {"antidote", "finetuned"} <= set(pts):
+        d = [
+            100.0 * (float(a) - float(b))
+            for a, b in zip(
+                pts["antidote"][f"flags_{judge}"], pts["finetuned"][f"flags_{judge}"], strict=True
+            )
+        ]
+        m, lo, hi = mean_ci(d)
+        rows.append(
+            [
+                f"Antidote − attacked, paired over the {n} prompts",
+                f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    return cols, rows
+
+
 def main_table(cells: Sequence[Cell], judge: str) -> tuple[list[str], list[list[Any]]]:
     """One row per point of the cells (the seeds of one model, method, lr, epochs): HS by ``judge`` and by
     the refusal matcher, FA, the paired HS difference to the attacked model, prompts and rows evaluated."""
