@@ -168,3 +168,13 @@ def test_readme_table_is_the_generators_output(tmp_path):
     assert not cl.update_readme(copy)  # idempotent
     anchors = {"#" + cl.slug(h) for h in re.findall(r"^## (.+)$", text, re.M)}
     assert set(re.findall(r"\]\((#[^)]+)\)", block)) <= anchors  # every link lands on a heading
+
+
+def test_mean_ci_uses_students_t_past_the_small_table() -> None:
+    """16 values (15 degrees of freedom): t = 2.131 from printed tables, not the normal's 1.96."""
+    import statistics
+
+    vals = [0.0, 1.0] * 8
+    m, lo, hi = cl.mean_ci(vals)
+    assert m == 0.5
+    assert (hi - lo) / 2 == pytest.approx(2.131 * statistics.stdev(vals) / 4, rel=1e-3)

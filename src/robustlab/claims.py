@@ -101,7 +101,14 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     m = statistics.fmean(vals)
     if len(vals) < 2:
         return m, m, m
-    half = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+    df = len(vals) - 1
+    if df in T975:
+        t = T975[df]
+    else:  # more values than the table (a per-prompt interval): the exact quantile, not the normal's 1.96
+        from scipy.stats import t as student_t
+
+        t = float(student_t.ppf(0.975, df))
+    half = t * statistics.stdev(vals) / math.sqrt(len(vals))
     return m, m - half, m + half
 
 

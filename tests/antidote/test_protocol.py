@@ -474,7 +474,7 @@ def test_a_model_whose_pilot_seed_fails_the_rule_has_every_claim_not_testable(tm
 
 def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prompt() -> None:
     """200 prompts: the attacked model harmful on the first 60, Antidote on the first 20, so the paired
-    difference is -100 on 40 prompts and 0 on 160: mean -20, 95% half-width 1.96 * sd / sqrt(200)."""
+    difference is -100 on 40 prompts and 0 on 160: mean -20, 95% half-width t(199) * sd / sqrt(200)."""
     n = 200
 
     def point(k: int, first: float, committed: float) -> dict:
@@ -501,10 +501,11 @@ def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prom
     cols, rows = R.more_prompts_table(row, "minilm-ft")
     assert len(cols) == len(rows[0]) == 6
     d = [-100.0] * 40 + [0.0] * 160
-    half = 1.96 * statistics.stdev(d) / n**0.5
+    t = 1.972  # Student's t, 0.975 quantile, 199 degrees of freedom (tables)
+    half = t * statistics.stdev(d) / n**0.5
     assert rows[1][:4] == [
         "attacked (SFT)",
-        f"30.0 [{30 - 1.96 * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}, {30 + 1.96 * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}]",
+        f"30.0 [{30 - t * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}, {30 + t * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}]",
         "50.0 / 51.6",
         63,
     ]
