@@ -511,3 +511,26 @@ def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prom
     ]
     assert rows[-1][1] == f"-20.0 [{-20 - half:+.1f}, {-20 + half:+.1f}]"
     assert rows[0][1] == "0.0 [0.0, 0.0]"  # no harmful answer: no spread
+
+
+def test_paper_scale_settings_build_the_papers_slices_and_are_no_frozen_setting() -> None:
+    """``paper_scale.yaml`` (the GPU cell) is a valid cell on the staged data: the paper's n 5000 at p 0.2
+    (1000 harmful attack pairs), 2000 re-alignment pairs, 320 evaluation prompts, lr 1e-4 for 20 epochs; and
+    the tables keep reading SmolLM2's frozen setting from ``frozen.yaml``."""
+    from robustlab.antidote.pipeline import pipeline_data
+
+    paper = yaml.safe_load((FROZEN.parent / "paper_scale.yaml").read_text(encoding="utf-8"))
+    for key in ("model", "paper_scale"):
+        paper.pop(key)
+    cfg = load_method_config(None, P.cell_overrides(paper, "sft", None, None, 0)).pipeline
+    assert (cfg.finetune.train.lr, cfg.finetune.train.epochs, cfg.finetune.train.batch_size) == (1e-4, 20, 5)
+    data = pipeline_data(cfg)
+    assert len(data.finetune) == 5000 and len(data.realign) == 2000 and len(data.eval_harmful) == 320
+    attack = {e.instruction for e in data.finetune} & {e.instruction for e in data.realign}
+    assert not attack  # calibration disjoint from the attack by prompt
+    frozen = yaml.safe_load(FROZEN.read_text(encoding="utf-8"))
+    assert R.frozen_setting(FROZEN.parents[1], "smollm2-135m-instruct")[:3] == (
+        float(frozen["finetune"]["train"]["lr"]),
+        float(frozen["finetune"]["train"]["epochs"]),
+        int(frozen["data"]["n"]),
+    )

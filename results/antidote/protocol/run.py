@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     adapters_seed = frozen.pop("adapters_seed", None)
     plan = frozen.pop("plan", {})
     candidates = frozen.pop("candidates", None)
+    frozen.pop("paper_scale", None)
     if args.plan == "export":
         export_unfinished(args.runs / model, ROOT / "results" / "antidote" / model)
         return None

@@ -422,12 +422,13 @@ def _below(stat: tuple[float, float, float, int]) -> bool | None:
 
 def frozen_setting(root: Path, model: str) -> tuple[float, float, int, str] | None:
     """The frozen (lr, epochs, n, alignment) of ``model``: from the settings file in ``root/protocol/``
-    (``frozen.yaml``, ``gemma.yaml``; a pilot's list of candidates is not one) that names it."""
+    (``frozen.yaml``, ``gemma.yaml``; a pilot's list of candidates and the GPU cell's ``paper_scale.yaml`` are
+    not one) that names it."""
     import yaml
 
     for path in sorted((Path(root) / "protocol").glob("*.yaml")):
         f = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if f.get("model") == model and "candidates" not in f:
+        if f.get("model") == model and "candidates" not in f and not f.get("paper_scale"):
             ft = f["finetune"]["train"]
             return float(ft["lr"]), float(ft["epochs"]), int(f["data"]["n"]), alignment_of(f)
     return None
