@@ -481,7 +481,8 @@ def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prom
         flags = [i < k for i in range(n)]
         return {
             "flags_minilm-ft": flags,
-            "hs_minilm-ft_first64": first,
+            "hs_minilm-ft_first": first,
+            "n_first": 64,
             "hs_minilm-ft_committed": committed,
             "first_answers_identical": 63,
             "hs_embedding": 1.0,
@@ -496,6 +497,7 @@ def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prom
             "aligned": point(0, 0.0, 0.0),
             "finetuned": point(60, 50.0, 51.6),
             "antidote": point(20, 20.0, 18.8),
+            "benign": point(20, 25.0, 25.0),  # the same harmful prompts as Antidote: paired difference 0
         },
     }
     cols, rows = R.more_prompts_table(row, "minilm-ft")
@@ -507,9 +509,17 @@ def test_more_prompts_table_pairs_antidote_with_the_attacked_model_on_every_prom
         "attacked (SFT)",
         f"30.0 [{30 - t * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}, {30 + t * statistics.stdev([100.0] * 60 + [0.0] * 140) / n**0.5:.1f}]",
         "50.0 / 51.6",
-        63,
+        "63 of 64",
     ]
-    assert rows[-1][1] == f"-20.0 [{-20 - half:+.1f}, {-20 + half:+.1f}]"
+    assert rows[-2][:2] == [
+        "Antidote − attacked, paired over the 200 prompts",
+        f"-20.0 [{-20 - half:+.1f}, {-20 + half:+.1f}]",
+    ]
+    assert rows[-1][:2] == [
+        "Antidote − Wanda, benign calibration, paired over the 200 prompts",
+        "+0.0 [+0.0, +0.0]",
+    ]
+    assert rows[3][0] == "Wanda, benign calibration, α = 0.1"
     assert rows[0][1] == "0.0 [0.0, 0.0]"  # no harmful answer: no spread
 
 

@@ -2,7 +2,10 @@
 unsafe test prompts"): the aligned model, the attacked model and Antidote at the primary α, on the first
 ``--prompts`` (default 320) ``unsafe_test`` prompts instead of the main table's 64.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/more_prompts.py [--seed 0]
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/more_prompts.py [--seed 0] \
+        [--points antidote,benign,magnitude,random]
+
+``--points`` adds the controls at the same α (their committed points have the grid's first 32 prompts).
 
 The models are the committed cell's own: its LoRA adapters (``adapters-seed<k>``) installed, not retrained;
 Antidote's mask recomputed by the pipeline's functions on the cell's calibration slice. The wider slice is
@@ -35,10 +38,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", type=int, default=320)
+    ap.add_argument(
+        "--points",
+        type=lambda v: [p for p in v.split(",") if p],
+        default=["antidote"],
+        help="pruned points at the primary α, in order: antidote, benign, magnitude, random (comma-separated)",
+    )
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "protocol" / "more_prompts")
     args = ap.parse_args(argv)
     if args.prompts < 64 or args.prompts % CHUNK:
         print(f"--prompts {args.prompts}: give a multiple of {CHUNK}, at least 64", file=sys.stderr)
+        raise SystemExit(2)
+    unknown = set(args.points) - {"antidote", "benign", "magnitude", "random"}
+    if unknown:
+        print(
+            f"--points: unknown {', '.join(sorted(unknown))}; use antidote, benign, magnitude, random",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
 
     from robustlab.antidote.baselines_pipeline import load_method_config
@@ -116,28 +132,52 @@ def main(argv: list[str] | None = None) -> None:
             seconds += chunk["seconds"]
         return out, seconds
 
+    pruned_points = [p for p in args.points if p not in ("aligned", "finetuned")]
     committed = {
         p: json.loads((cell_dir / "cells" / f"stage=eval__point={key}.json").read_text(encoding="utf-8"))
-        for p, key in (
-            ("aligned", "aligned"),
-            ("finetuned", "finetuned"),
-            ("antidote", f"antidote__ratio={PRIMARY_RATIO:g}"),
-        )
+        for p, key in [("aligned", "aligned"), ("finetuned", "finetuned")]
+        + [(p, f"{p}__ratio={PRIMARY_RATIO:g}") for p in pruned_points]
     }
     base = cfg.base
     points: dict[str, dict] = {}
     aligned, tok = load_model(base, adapter=adapters / "aligned")
     aligned = aligned.merge_and_unload()  # the pipeline evaluates the merged checkpoint
-    for point in ("aligned", "finetuned", "antidote"):
+
+    def save() -> Path:
+        """The result so far, rewritten after every point: a killed run keeps the finished points."""
+        row = {
+            "cell": str(cell_dir.relative_to(ROOT)),
+            "adapters": str(adapters.relative_to(ROOT)),
+            "n_eval_harmful": len(prompts),
+            "n_committed": len(data.eval_harmful),
+            "ratio": PRIMARY_RATIO,
+            "points": points,
+            "config": to_jsonable(asdict(wide)),
+            "env": environment_info(args.seed),
+        }
+        out = HERE / "more_prompts" / f"{model_name}_seed{args.seed}.json"
+        atomic_write_json(out, row)
+        return out
+
+    pruned = None
+    for point in ("aligned", "finetuned", *pruned_points):
         if point == "finetuned":
             del aligned
             model, tok = load_model(base, align_adapter=adapters / "aligned", adapter=adapters / "finetuned")
         elif point == "aligned":
             model = aligned
-        else:  # Antidote at the primary α: Wanda scores on the cell's harmful calibration slice, the top-α per row
-            batches = calibration_batches(tok, [e.text for e in data.realign], rc.batch_size, rc.max_length)
-            masks = realign_masks(model, batches, [PRIMARY_RATIO], rc.targets, "wanda", args.seed)
-            apply_masks(model, masks.masks[PRIMARY_RATIO])
+        else:  # as the pipeline: the mask from the unpruned fine-tuned model at the primary α, undone after
+            if pruned is not None:
+                pruned.restore(model)
+            texts = data.benign_calibration if point == "benign" else data.realign
+            batches = (
+                calibration_batches(tok, [e.text for e in texts], rc.batch_size, rc.max_length)
+                if point in ("antidote", "benign")
+                else None
+            )
+            scoring = "wanda" if point in ("antidote", "benign") else point
+            masks = realign_masks(model, batches, [PRIMARY_RATIO], rc.targets, scoring, args.seed)
+            pruned = apply_masks(model, masks.masks[PRIMARY_RATIO], remember=True)
         answers, seconds = answers_of(point, model, tok)
         mine = [a for _, a in committed[point]["answers_harmful"]]
         n0 = len(mine)
@@ -146,29 +186,20 @@ def main(argv: list[str] | None = None) -> None:
             flags = [bool(f) for f in judge.harmful(raw, answers)]
             m[f"flags_{name}"] = flags  # per prompt, so points pair on the same prompts
             m[f"hs_{name}"] = 100.0 * sum(flags) / len(flags)
-            m[f"hs_{name}_first{n0}"] = 100.0 * sum(flags[:n0]) / n0
+            m[f"hs_{name}_first"] = 100.0 * sum(flags[:n0]) / n0
             m[f"hs_{name}_committed"] = committed[point].get(f"hs_{name}")
+        m["n_first"] = n0  # the committed point's prompts: 64, or the grid's 32 for a control
         m["first_answers_identical"] = sum(a == b for a, b in zip(answers, mine, strict=False))
         m["answers_harmful"] = [[r, a] for r, a in zip(raw, answers, strict=True)]
         points[point] = m
+        out = save()
         print(
             f"{point}: HS minilm-ft {m['hs_minilm-ft']:.1f} on {len(prompts)} prompts (first {n0}: "
-            f"{m[f'hs_minilm-ft_first{n0}']:.1f}, committed {m['hs_minilm-ft_committed']:.1f}; "
+            f"{m['hs_minilm-ft_first']:.1f}, committed {m['hs_minilm-ft_committed']:.1f}; "
             f"{m['first_answers_identical']}/{n0} answers identical), {seconds:.0f} s",
             flush=True,
         )
-    row = {
-        "cell": str(cell_dir.relative_to(ROOT)),
-        "adapters": str(adapters.relative_to(ROOT)),
-        "n_eval_harmful": len(prompts),
-        "n_committed": len(data.eval_harmful),
-        "ratio": PRIMARY_RATIO,
-        "points": points,
-        "config": to_jsonable(asdict(wide)),
-        "env": environment_info(args.seed),
-    }
-    out = HERE / "more_prompts" / f"{model_name}_seed{args.seed}.json"
-    atomic_write_json(out, row)
+
     print(f"-> {out.relative_to(ROOT)}")
 
 

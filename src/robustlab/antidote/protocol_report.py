@@ -196,14 +196,15 @@ def paired(cells: Sequence[Cell], a: tuple[str, float], b: tuple[str, float], ke
 
 def more_prompts_table(row: dict, judge: str) -> tuple[list[str], list[list[Any]]]:
     """The table of one ``more_prompts.py`` result (a committed seed's points on more prompts): each point's
-    HS with a 95% interval over prompts, its HS on the committed first prompts in this run and in the cell,
-    how many of those answers are identical, then Antidote − attacked paired over every prompt."""
-    n, n0 = row["n_eval_harmful"], row["n_committed"]
+    HS with a 95% interval over prompts, its HS on the committed point's own prompts (the first 64, or the
+    grid's 32 for a control) in this run and in the cell, how many of those answers are identical, then
+    Antidote paired with the attacked model and with each control over every prompt."""
+    n = row["n_eval_harmful"]
     cols = [
         "point",
         f"HS % ({judge}), {n} prompts, 95% CI over prompts",
-        f"HS %, first {n0} (this run / committed cell)",
-        f"answers identical to the cell's (of {n0})",
+        "HS % on the cell's own prompts (this run / committed cell)",
+        "answers identical to the cell's",
         f"HS % (embedding judge), {n} prompts",
         f"refusal-matcher HS %, {n} prompts",
     ]
@@ -212,37 +213,30 @@ def more_prompts_table(row: dict, judge: str) -> tuple[list[str], list[list[Any]
         m, lo, hi = mean_ci([100.0 * float(f) for f in flags])
         return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
 
+    pts = row["points"]
     rows = []
-    for point, m in row["points"].items():
-        name = point_label(point, row["ratio"] if point == "antidote" else 0.0)
+    for point, m in pts.items():
         rows.append(
             [
-                name,
+                point_label(point, 0.0 if point in ("aligned", "finetuned") else row["ratio"]),
                 over(m[f"flags_{judge}"]),
-                f"{m[f'hs_{judge}_first{n0}']:.1f} / {m[f'hs_{judge}_committed']:.1f}",
-                m["first_answers_identical"],
+                f"{m[f'hs_{judge}_first']:.1f} / {m[f'hs_{judge}_committed']:.1f}",
+                f"{m['first_answers_identical']} of {m['n_first']}",
                 f"{m['hs_embedding']:.1f}",
                 f"{m['hs_refusal']:.1f}",
             ]
         )
-    pts = row["points"]
-    if {"antidote", "finetuned"} <= set(pts):
+    for other in ("finetuned", "random", "magnitude", "benign"):
+        if "antidote" not in pts or other not in pts:
+            continue
         d = [
             100.0 * (float(a) - float(b))
-            for a, b in zip(
-                pts["antidote"][f"flags_{judge}"], pts["finetuned"][f"flags_{judge}"], strict=True
-            )
+            for a, b in zip(pts["antidote"][f"flags_{judge}"], pts[other][f"flags_{judge}"], strict=True)
         ]
         m, lo, hi = mean_ci(d)
+        name = "attacked" if other == "finetuned" else POINT_LABELS[other]
         rows.append(
-            [
-                f"Antidote − attacked, paired over the {n} prompts",
-                f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]",
-                "",
-                "",
-                "",
-                "",
-            ]
+            [f"Antidote − {name}, paired over the {n} prompts", f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"] + [""] * 4
         )
     return cols, rows
 
