@@ -58,11 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
 
     from robustlab.antidote.baselines_pipeline import load_method_config
-    from robustlab.antidote.calibration import calibration_batches
     from robustlab.antidote.cli_common import quiet_transformers
     from robustlab.antidote.evaluate import generate
     from robustlab.antidote.models import load_model
-    from robustlab.antidote.pipeline import make_judges, pipeline_data
+    from robustlab.antidote.pipeline import make_judges, pipeline_data, realign_inputs
     from robustlab.antidote.protocol import cell_name, cell_overrides
     from robustlab.antidote.protocol_report import PRIMARY_RATIO
     from robustlab.antidote.quick_demo import committed_embedding_judge
@@ -169,13 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         else:  # as the pipeline: the mask from the unpruned fine-tuned model at the primary α, undone after
             if pruned is not None:
                 pruned.restore(model)
-            texts = data.benign_calibration if point == "benign" else data.realign
-            batches = (
-                calibration_batches(tok, [e.text for e in texts], rc.batch_size, rc.max_length)
-                if point in ("antidote", "benign")
-                else None
-            )
-            scoring = "wanda" if point in ("antidote", "benign") else point
+            method = rc.method if point == "antidote" else point  # the pipeline's methods
+            batches, scoring = realign_inputs(point, method, data, tok, rc)
             masks = realign_masks(model, batches, [PRIMARY_RATIO], rc.targets, scoring, args.seed)
             pruned = apply_masks(model, masks.masks[PRIMARY_RATIO], remember=True)
         answers, seconds = answers_of(point, model, tok)

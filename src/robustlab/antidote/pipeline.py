@@ -372,6 +372,18 @@ def evaluate_point(
     return m
 
 
+def realign_inputs(label: str, method: str, data: Any, tokenizer: Any, rc: Any) -> tuple[Any, str]:
+    """(calibration batches or ``None``, scoring) of one re-alignment point: Wanda on the harmful re-alignment
+    slice (Antidote), Wanda on the benign fine-tuning mix (the ``benign`` control), or data-free ``random`` /
+    ``magnitude`` scores."""
+    from robustlab.antidote.calibration import calibration_batches
+
+    if method not in ("wanda", "benign"):
+        return None, method
+    texts = data.benign_calibration if label == "benign" else data.realign
+    return calibration_batches(tokenizer, [e.text for e in texts], rc.batch_size, rc.max_length), "wanda"
+
+
 def run_pipeline(
     cfg: PipelineConfig, out: str | Path, echo: Any = print, params: DefenceParams | None = None
 ) -> dict[str, Any]:
@@ -382,7 +394,6 @@ def run_pipeline(
     from robustlab.antidote.models import load_model
     from robustlab.antidote.realign import (
         apply_masks,
-        calibration_batches,
         calibration_hash,
         realign_masks,
         resolve_targets,
@@ -478,11 +489,7 @@ def run_pipeline(
             continue
         # masks always come from the unpruned fine-tuned model: every ratio is undone after its evaluation
         t = time.perf_counter()
-        batches = None
-        if method in ("wanda", "benign"):
-            texts = data.benign_calibration if label == "benign" else data.realign
-            batches = calibration_batches(tokenizer, [e.text for e in texts], rc.batch_size, rc.max_length)
-        scoring = "wanda" if method == "benign" else method
+        batches, scoring = realign_inputs(label, method, data, tokenizer, rc)
         masks = realign_masks(ft_model, batches, ratios, rc.targets, scoring, cfg.seed)
         found[label] = (masks, batches, time.perf_counter() - t)
         run.log(stage="scores", method=label, seconds=found[label][2])
