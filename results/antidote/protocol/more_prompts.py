@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds += chunk["seconds"]
         return out, seconds
 
-    pruned_points = [p for p in args.points if p not in ("aligned", "finetuned")]
+    pruned_points = args.points  # validated above: pruned points only
     committed = {
         p: json.loads((cell_dir / "cells" / f"stage=eval__point={key}.json").read_text(encoding="utf-8"))
         for p, key in [("aligned", "aligned"), ("finetuned", "finetuned")]
