@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = frozen.pop("plan", {})
     candidates = frozen.pop("candidates", None)
     frozen.pop("paper_scale", None)
+    frozen.pop("pilot_seeds", None)  # read by the report (protocol_report.pilot_verdict), not by a cell
     if args.plan == "export":
         export_unfinished(args.runs / model, ROOT / "results" / "antidote" / model)
         return None
