@@ -47,6 +47,7 @@ def judges_text() -> str:
 def model_block(cells: list, model: str, rel: str) -> list[str]:
     frozen = R.frozen_setting(HERE, model)
     mains = R.main_cells(cells, model, frozen)
+    seeds = R.pilot_seeds(HERE, model)
     if not mains:  # the frozen setting has no cell yet: say so, then the model's other cells as records
         if frozen is None:
             return []
@@ -55,24 +56,31 @@ def model_block(cells: list, model: str, rel: str) -> list[str]:
             f"#### {model}: the declared setting (SFT attack on n = {n_f} at lr {lr_f:g}, {ep_f:g} epochs "
             f"after {align_f})",
             "",
-            "Status: no cell of this setting committed yet, so its pilot seed 0 is not evaluated against the "
-            "pilot rule and nothing is frozen for this model.",
+            f"Status: no cell of this setting committed yet, so its {R.pilot_text(seeds)} "
+            f"{'is' if len(seeds) == 1 else 'are'} not evaluated against the pilot rule and nothing is frozen "
+            "for this model.",
             "",
             *records(cells, model, set()),
         ]
     judge = R.judge_of(mains)
     lr, ep = mains[0].lr, mains[0].epochs
-    verdict = R.pilot_verdict(mains)
+    verdict = R.pilot_verdict(mains, seeds)
     rule = (
         f"the pilot rule: FA(attacked) ≥ {R.PILOT_MIN_FA:g}% and HS(attacked) − HS(aligned) ≥ "
         f"{R.PILOT_MIN_GAP:g} points, {R.PILOT_JUDGE} judge"
     )
+    one = len(seeds) == 1
     if verdict is None:
-        status = f"pilot seed 0 not yet evaluated against {rule}; the settings are not frozen yet"
+        status = (
+            f"{R.pilot_text(seeds)} {'is' if one else 'are'} not yet evaluated against {rule}; the settings "
+            "are not frozen yet"
+        )
     else:
         ok, fa, gap = verdict
-        status = f"seed 0, the pilot, {'passes' if ok else 'FAILS'} {rule} (FA {fa:.1f}%, gap {gap:+.1f})" + (
-            "" if ok else ": nothing is frozen for this model and this table is a record, not evidence"
+        status = (
+            f"{R.pilot_text(seeds)} {('passes' if one else 'pass') if ok else ('FAILS' if one else 'FAIL')} "
+            f"{rule} (FA {fa:.1f}%, gap {gap:+.1f})"
+            + ("" if ok else ": nothing is frozen for this model and this table is a record, not evidence")
         )
     lines = [
         f"#### {model}: {'the main table' if verdict and verdict[0] else 'the declared setting'} (SFT attack "

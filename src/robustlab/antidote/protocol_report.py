@@ -414,18 +414,32 @@ def _below(stat: tuple[float, float, float, int]) -> bool | None:
     return None if n < 2 else hi < 0
 
 
-def frozen_setting(root: Path, model: str) -> tuple[float, float, int, str] | None:
-    """The frozen (lr, epochs, n, alignment) of ``model``: from the settings file in ``root/protocol/``
-    (``frozen.yaml``, ``gemma.yaml``; a pilot's list of candidates and the GPU cell's ``paper_scale.yaml`` are
-    not one) that names it."""
+def settings_file(root: Path, model: str) -> dict | None:
+    """The settings file in ``root/protocol/`` that declares ``model``'s protocol (``frozen.yaml``,
+    ``gemma.yaml``; a pilot's list of candidates and the GPU cell's ``paper_scale.yaml`` are not one)."""
     import yaml
 
     for path in sorted((Path(root) / "protocol").glob("*.yaml")):
         f = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if f.get("model") == model and "candidates" not in f and not f.get("paper_scale"):
-            ft = f["finetune"]["train"]
-            return float(ft["lr"]), float(ft["epochs"]), int(f["data"]["n"]), alignment_of(f)
+            return f
     return None
+
+
+def frozen_setting(root: Path, model: str) -> tuple[float, float, int, str] | None:
+    """The frozen (lr, epochs, n, alignment) of ``model``, from its :func:`settings_file`."""
+    f = settings_file(root, model)
+    if f is None:
+        return None
+    ft = f["finetune"]["train"]
+    return float(ft["lr"]), float(ft["epochs"]), int(f["data"]["n"]), alignment_of(f)
+
+
+def pilot_seeds(root: Path, model: str) -> tuple[int, ...]:
+    """The seeds whose mean the pilot rule is applied to (``pilot_seeds`` of the settings file; by default
+    the single pilot seed 0)."""
+    f = settings_file(root, model) or {}
+    return tuple(int(s) for s in f.get("pilot_seeds", [0]))
 
 
 #: the pilot rule (frozen.yaml, gemma.yaml), applied to a pilot seed's aligned and attacked points alone
@@ -440,12 +454,25 @@ def pilot_rule(aligned: dict, attacked: dict) -> tuple[bool, float, float]:
     return attacked["fa"] >= PILOT_MIN_FA and gap >= PILOT_MIN_GAP, attacked["fa"], gap
 
 
-def pilot_verdict(mains: Sequence[Cell], seed: int = 0) -> tuple[bool, float, float] | None:
-    """:func:`pilot_rule` on the pilot seed's cell of a setting, or ``None`` while either point is missing."""
-    pilot = [c for c in mains if c.seed == seed]
-    if not pilot or not {("aligned", 0.0), ("finetuned", 0.0)} <= set(pilot[0].points):
+def pilot_verdict(mains: Sequence[Cell], seeds: Sequence[int] = (0,)) -> tuple[bool, float, float] | None:
+    """:func:`pilot_rule` on the mean over the pilot ``seeds`` of a setting's cells (mean attacked FA, mean
+    HS gap), or ``None`` while any of their aligned and attacked points is missing. With one seed it is that
+    seed's :func:`pilot_rule`."""
+    al, ft = ("aligned", 0.0), ("finetuned", 0.0)
+    by_seed = {c.seed: c for c in mains}
+    if not seeds or any(s not in by_seed or not {al, ft} <= set(by_seed[s].points) for s in seeds):
         return None
-    return pilot_rule(pilot[0].points[("aligned", 0.0)], pilot[0].points[("finetuned", 0.0)])
+    rules = [pilot_rule(by_seed[s].points[al], by_seed[s].points[ft]) for s in seeds]
+    fa = sum(r[1] for r in rules) / len(rules)
+    gap = sum(r[2] for r in rules) / len(rules)
+    return fa >= PILOT_MIN_FA and gap >= PILOT_MIN_GAP, fa, gap
+
+
+def pilot_text(seeds: Sequence[int]) -> str:
+    """ "pilot seed 0", or "pilot seeds 0 and 1 (mean)"."""
+    if len(seeds) == 1:
+        return f"pilot seed {seeds[0]}"
+    return f"pilot seeds {', '.join(map(str, seeds[:-1]))} and {seeds[-1]} (mean)"
 
 
 def main_cells(
@@ -471,15 +498,17 @@ def protocol_claims(
     with the paper's number, ours (mean and 95% interval over seeds of the paired difference), the verdict
     and its rule. ``sweeps=False`` leaves out the claims that need the learning-rate sweep and the
     baselines (a model whose protocol runs the main table alone). Every claim is not testable while the
-    pilot seed fails the declared rule (:func:`pilot_verdict`)."""
+    declared setting has no cell, or its pilot seeds (:func:`pilot_seeds`) are not evaluated or fail the
+    declared rule (:func:`pilot_verdict`)."""
     from robustlab.claims import NOT_REPRODUCED, NOT_TESTABLE, REPRODUCED, Claim
 
     cells = load_cells(root)
-    mains = main_cells(cells, model, frozen_setting(root, model))
+    frozen = frozen_setting(root, model)
+    mains = main_cells(cells, model, frozen)
     source = f"results/antidote/{model}/*/cells"
-    if not mains:
+    if not mains and frozen is None:
         return []
-    judge = judge_of(mains)
+    judge = judge_of(mains or [c for c in cells if c.model == model])
     hs = f"hs_{judge}"
     a, ft = ("antidote", PRIMARY_RATIO), ("finetuned", 0.0)
     report = (
@@ -491,10 +520,8 @@ def protocol_claims(
         judge_note = (
             f" (held-out agreement {json.loads(report.read_text(encoding='utf-8'))['agreement']:.3f})"
         )
-    scale = (
-        f"{model}, {len(mains)} seed(s), n = {mains[0].points.get(('aligned', 0.0), {}).get('n_eval_harmful', '?')} prompts, "
-        f"{judge} judge{judge_note}"
-    )
+    n_prompts = mains[0].points.get(("aligned", 0.0), {}).get("n_eval_harmful", "?") if mains else "?"
+    scale = f"{model}, {len(mains)} seed(s), n = {n_prompts} prompts, {judge} judge{judge_note}"
     out = []
     d_hs = paired(mains, a, ft, hs)
     d_fa = paired(mains, a, ft, "fa")
@@ -507,12 +534,23 @@ def protocol_claims(
         f" Not testable while the attack raises HS by less than {MIN_ATTACK_GAP:g} points over the aligned model "
         + (f"(the pilot rule; here {gap:+.1f})." if gap == gap else "(the pilot rule; not measured yet).")
     )
-    verdict = pilot_verdict(mains)
-    if verdict is not None and not verdict[0]:
+    seeds = pilot_seeds(root, model)
+    verdict = pilot_verdict(mains, seeds)
+    if not mains:
+        broken = True
+        premise = " Not testable: no cell of the declared setting is committed yet."
+    elif verdict is None:
         broken = True
         premise = (
-            f" Not testable: the pilot seed fails the declared rule (FA {verdict[1]:.1f}% vs ≥ {PILOT_MIN_FA:g}, "
-            f"gap {verdict[2]:+.1f} vs ≥ {PILOT_MIN_GAP:g}), so nothing is frozen for this model."
+            f" Not testable: the {pilot_text(seeds)} {'is' if len(seeds) == 1 else 'are'} not yet evaluated "
+            "against the declared rule."
+        )
+    elif not verdict[0]:
+        broken = True
+        premise = (
+            f" Not testable: the {pilot_text(seeds)} {'fails' if len(seeds) == 1 else 'fail'} the declared rule (FA {verdict[1]:.1f}% vs ≥ "
+            f"{PILOT_MIN_FA:g}, gap {verdict[2]:+.1f} vs ≥ {PILOT_MIN_GAP:g}), so nothing is frozen for this "
+            "model."
         )
     below = None if broken else _below(d_hs)
     out.append(
@@ -540,7 +578,7 @@ def protocol_claims(
             f"attacked FA {_num(fa_att, '%')}; Antidote − attacked FA {_ci_text(d_fa, ' pts')}",
             scale,
             NOT_TESTABLE
-            if not learned or not d_fa[3] or (verdict is not None and not verdict[0])
+            if not learned or not d_fa[3] or verdict is None or not verdict[0]
             else REPRODUCED
             if cost <= FA_COST_POINTS
             else NOT_REPRODUCED,
@@ -570,8 +608,9 @@ def protocol_claims(
             )
         )
     if sweeps:
-        out.append(_agnostic_claim(same_setting(cells, mains[0]), model, hs, judge, source))
-        out.append(_vsa_claim(same_setting(cells, mains[0]), model, hs, source, scale))
+        comparable = same_setting(cells, mains[0]) if mains else []
+        out.append(_agnostic_claim(comparable, model, hs, judge, source))
+        out.append(_vsa_claim(comparable, model, hs, source, scale))
     return out
 
 
