@@ -596,9 +596,8 @@ def test_paper_scale_settings_build_the_papers_slices_and_are_no_frozen_setting(
     the tables keep reading SmolLM2's frozen setting from ``frozen.yaml``."""
     from robustlab.antidote.pipeline import pipeline_data
 
-    paper = yaml.safe_load((FROZEN.parent / "paper_scale.yaml").read_text(encoding="utf-8"))
-    for key in ("model", "paper_scale"):
-        paper.pop(key)
+    paper, meta = P.load_settings("paper_scale.yaml", FROZEN.parent)
+    assert meta == {"model": "smollm2-135m-instruct", "paper_scale": True}
     cfg = load_method_config(None, P.cell_overrides(paper, "sft", None, None, 0)).pipeline
     assert (cfg.finetune.train.lr, cfg.finetune.train.epochs, cfg.finetune.train.batch_size) == (1e-4, 20, 5)
     data = pipeline_data(cfg)
@@ -611,3 +610,27 @@ def test_paper_scale_settings_build_the_papers_slices_and_are_no_frozen_setting(
         float(frozen["finetune"]["train"]["epochs"]),
         int(frozen["data"]["n"]),
     )
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FROZEN.parent.glob("*.yaml")))
+def test_every_settings_file_splits_into_a_valid_cell_config_and_its_protocol_keys(name) -> None:
+    """What run.py and more_prompts.py load: the protocol keys come off, and what is left is a cell config
+    the method pipeline accepts (an unknown key would fail here, not hours into a run)."""
+    config, meta = P.load_settings(name, FROZEN.parent)
+    assert meta["model"] in ("smollm2-135m-instruct", "gemma3-270m")
+    assert not set(config) & set(P.SETTINGS_META)
+    # the pilot's list: each candidate is a cell
+    for c in [P.pilot_candidate(config, c) for c in meta.get("candidates", [])] or [config]:
+        load_method_config(None, P.cell_overrides(c, "sft", None, None, 0))
+
+
+def test_load_settings_names_the_missing_file_and_takes_a_path(tmp_path) -> None:
+    from robustlab.errors import UserError
+
+    with pytest.raises(UserError, match=r"--settings nope\.yaml: no such settings file"):
+        P.load_settings("nope.yaml", FROZEN.parent)
+    (tmp_path / "x.yaml").write_text("data: {n: 1}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no model key"):
+        P.load_settings(tmp_path / "x.yaml", FROZEN.parent)
+    config, meta = P.load_settings(FROZEN, tmp_path)  # a path wins over the folder
+    assert meta["model"] == "smollm2-135m-instruct" and "plan" in meta and "model" not in config

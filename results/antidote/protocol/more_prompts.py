@@ -3,7 +3,7 @@ unsafe test prompts"): the aligned model, the attacked model and Antidote at the
 ``--prompts`` (default 320) ``unsafe_test`` prompts instead of the main table's 64.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/more_prompts.py [--seed 0] \
-        [--points antidote,benign,magnitude,random]
+        [--points antidote,benign,magnitude,random] [--settings gemma.yaml]
 
 ``--points`` adds the controls at the same α (their committed points have the grid's first 32 prompts).
 
@@ -27,7 +27,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -44,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         default=["antidote"],
         help="pruned points at the primary α, in order: antidote, benign, magnitude, random (comma-separated)",
     )
+    ap.add_argument("--settings", default="frozen.yaml", help="the settings file (a name beside this script)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "protocol" / "more_prompts")
     args = ap.parse_args(argv)
     if args.prompts < 64 or args.prompts % CHUNK:
@@ -62,18 +62,21 @@ def main(argv: list[str] | None = None) -> None:
     from robustlab.antidote.evaluate import generate
     from robustlab.antidote.models import load_model
     from robustlab.antidote.pipeline import make_judges, pipeline_data, realign_inputs
-    from robustlab.antidote.protocol import cell_name, cell_overrides
+    from robustlab.antidote.protocol import cell_name, cell_overrides, load_settings
     from robustlab.antidote.protocol_report import PRIMARY_RATIO
     from robustlab.antidote.quick_demo import committed_embedding_judge
     from robustlab.antidote.realign import apply_masks, realign_masks
+    from robustlab.errors import UserError
     from robustlab.runs import atomic_write_json, environment_info, seed_everything, to_jsonable
 
     torch.set_num_threads(1)
     quiet_transformers()
-    settings = yaml.safe_load((HERE / "frozen.yaml").read_text(encoding="utf-8"))
-    model_name = settings.pop("model")
-    for key in ("adapters_seed", "plan", "candidates"):
-        settings.pop(key, None)
+    try:
+        settings, meta = load_settings(args.settings, HERE)
+    except UserError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        raise SystemExit(2) from None
+    model_name = meta["model"]
     cfg = load_method_config(None, cell_overrides(settings, "sft", None, None, args.seed)).pipeline
     wide = replace(cfg, data=replace(cfg.data, n_eval_harmful=args.prompts))
     data, data_w = pipeline_data(cfg), pipeline_data(wide)

@@ -4,7 +4,9 @@
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python results/antidote/protocol/run.py PLAN [--model M]
 
 PLAN: ``export`` (export the evaluated points of unfinished cells), ``restore`` (rebuild the lost run folder
-of the frozen seed-0 cell from its committed adapters and points, for the cells that share its stages), ``adapters`` (commit the frozen seed-0 aligned and attacked LoRA adapters), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
+of a frozen cell from its committed adapters and points, for the cells that share its stages), ``adapters``
+(commit a frozen seed's aligned and attacked LoRA adapters; ``--seed``, by default the settings'
+``adapters_seed``), ``pilot --candidate K`` (candidate K of ``pilot.yaml``'s declared list on the pilot seed, no
 re-alignment; the alignment stage is re-run and, when its adapter is bit-identical to the committed seed's,
 the committed aligned point is reused), ``main`` (SFT +
 Antidote + controls, seeds 0 1 2, the frozen settings of ``frozen.yaml``), ``lr`` (the learning-rate table
@@ -21,22 +23,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
-
-
-def frozen_settings(name: str) -> dict:
-    """A settings file by its name beside this script (``gemma.yaml``) or by its path."""
-    path = HERE / Path(name).name if not Path(name).is_file() else Path(name)
-    if not path.is_file():
-        print(
-            f"--settings {name}: no such settings file; name one in {HERE.relative_to(ROOT)}/",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def plan_cells(plan: str, frozen: dict) -> list[tuple[str, int, float | None, float | None]]:
@@ -208,17 +197,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", default=None, help="settings file beside this script (default by plan)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "protocol")
     ap.add_argument("--candidate", type=int, default=1, help="pilot: the candidate's number in pilot.yaml")
+    ap.add_argument(
+        "--seed", type=int, default=None, help="adapters, restore: the seed (default: adapters_seed)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     quiet_transformers()
+    from robustlab.antidote.protocol import load_settings
+    from robustlab.errors import UserError
+
     settings = args.settings or ("pilot.yaml" if args.plan == "pilot" else "frozen.yaml")
-    frozen = frozen_settings(settings)
-    model = frozen.pop("model")
-    adapters_seed = frozen.pop("adapters_seed", None)
-    plan = frozen.pop("plan", {})
-    candidates = frozen.pop("candidates", None)
-    frozen.pop("paper_scale", None)
-    frozen.pop("pilot_seeds", None)  # read by the report (protocol_report.pilot_verdict), not by a cell
+    try:
+        frozen, meta = load_settings(settings, HERE)
+    except UserError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        raise SystemExit(2) from None
+    model, plan, candidates = meta["model"], meta.get("plan", {}), meta.get("candidates")
+    adapters_seed = args.seed if args.seed is not None else meta.get("adapters_seed")
+    if args.plan in ("restore", "adapters") and adapters_seed is None:
+        print(
+            f"error: {args.plan} needs a seed; give --seed K ({settings} names no adapters_seed)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     if args.plan == "export":
         export_unfinished(args.runs / model, ROOT / "results" / "antidote" / model)
         return None

@@ -41,6 +41,28 @@ ALIGN_KEYS = ("stage=align", "stage=eval__point=aligned")
 BASE_N = 100
 
 
+#: the keys of a settings file (``frozen.yaml``, ``gemma.yaml``, ``pilot.yaml``, ``paper_scale.yaml``) that
+#: describe the protocol around its cells (the model, the plan, a pilot's candidates and seeds, the seed whose
+#: adapters are committed), not a cell's config
+SETTINGS_META = ("model", "adapters_seed", "plan", "candidates", "paper_scale", "pilot_seeds")
+
+
+def load_settings(name: str | Path, folder: Path) -> tuple[dict, dict]:
+    """The settings file ``name`` (a name in ``folder`` or a path), split into the cells' config mapping
+    and its protocol keys (:data:`SETTINGS_META`, absent ones left out)."""
+    import yaml
+
+    path = Path(name) if Path(name).is_file() else Path(folder) / Path(name).name
+    if not path.is_file():
+        raise UserError(
+            f"--settings {name}: no such settings file", f"name one in {folder}/ or give its path"
+        )
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise UserError(f"--settings {path}: not a protocol settings file (no model key)", "see frozen.yaml")
+    return raw, {k: raw.pop(k) for k in SETTINGS_META if k in raw}
+
+
 def cell_name(method: str, lr: float, epochs: float, seed: int, n: int = BASE_N) -> str:
     """``<method>_lr<lr>_ep<epochs>[_n<n>]_seed<seed>`` (``+`` in a combination becomes ``-``; ``_n<n>``
     only when ``n`` is not :data:`BASE_N`)."""
