@@ -634,3 +634,38 @@ def test_load_settings_names_the_missing_file_and_takes_a_path(tmp_path) -> None
         P.load_settings(tmp_path / "x.yaml", FROZEN.parent)
     config, meta = P.load_settings(FROZEN, tmp_path)  # a path wins over the folder
     assert meta["model"] == "smollm2-135m-instruct" and "plan" in meta and "model" not in config
+
+
+def test_compare_cells_counts_identical_answers_and_measure_differences(tmp_path) -> None:
+    """compare_cells.py on a committed cell and a copy with one harmful answer and the FA changed: every
+    other answer identical, the FA difference exact, a point the copy lacks reported missing."""
+    import shutil
+    import subprocess
+    import sys
+
+    cell = FROZEN.parents[1] / "smollm2-135m-instruct" / "sft_lr0.001_ep6_seed1"
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(cell, a)
+    shutil.copytree(cell, b)
+    ft = b / "cells" / "stage=eval__point=finetuned.json"
+    p = json.loads(ft.read_text(encoding="utf-8"))
+    p["answers_harmful"][3][1] += " changed"
+    p["fa"] += 1.5
+    ft.write_text(json.dumps(p), encoding="utf-8")
+    (b / "cells" / "stage=eval__point=random__ratio=0.1.json").unlink()
+    script = FROZEN.parent / "compare_cells.py"
+    out = tmp_path / "cmp.json"
+    run = subprocess.run([sys.executable, script, a, b, "--out", out], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    points = json.loads(out.read_text(encoding="utf-8"))["points"]
+    f = points["stage=eval__point=finetuned"]
+    assert f["answers_harmful_identical"] == f["answers_harmful_n"] - 1 == len(p["answers_harmful"]) - 1
+    assert f["answers_task_identical"] == f["answers_task_n"] and f["fa_diff"] == pytest.approx(1.5)
+    assert points["stage=eval__point=random__ratio=0.1"] == "missing"
+    aligned = points["stage=eval__point=aligned"]
+    assert aligned["answers_harmful_identical"] == aligned["answers_harmful_n"] > 0
+    assert all(v == 0 for k, v in aligned.items() if k.endswith("_diff"))
+    empty = tmp_path / "empty"
+    (empty / "cells").mkdir(parents=True)
+    bad = subprocess.run([sys.executable, script, empty, b, "--out", out], capture_output=True, text=True)
+    assert bad.returncode == 2 and "holds no evaluated point" in bad.stderr and "Traceback" not in bad.stderr
