@@ -669,3 +669,29 @@ def test_compare_cells_counts_identical_answers_and_measure_differences(tmp_path
     (empty / "cells").mkdir(parents=True)
     bad = subprocess.run([sys.executable, script, empty, b, "--out", out], capture_output=True, text=True)
     assert bad.returncode == 2 and "holds no evaluated point" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_claims_wait_for_the_declared_number_of_seeds(tmp_path) -> None:
+    """Two of three declared seeds whose paired drop is clear: every claim is not testable yet (no verdict on
+    a partial sample); the third seed makes the HS claim reproduced."""
+    from robustlab.claims import NOT_TESTABLE, REPRODUCED
+
+    (tmp_path / "protocol").mkdir()
+    settings = {"model": "m", "plan": {"seeds": [0, 1, 2]}, "data": {"n": 100, "align_with_refusals": True}, "finetune": {"train": {"lr": 1e-3, "epochs": 6}}, "align": {"train": {"epochs": 3, "lr": 1e-3}}}  # fmt: skip
+    (tmp_path / "protocol" / "m.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+    for seed, noise in enumerate((0.0, 3.0, -2.0)):
+        _write_cell(
+            tmp_path,
+            seed,
+            {
+                "aligned": {"fa": 0.0, "hs_embedding": 8.0, "hs_minilm-ft": 9.0},
+                "finetuned": {"fa": 90.0, "hs_embedding": 40.0 + noise, "hs_minilm-ft": 45.0 + noise},
+                "antidote@0.1": {"fa": 88.0, "hs_embedding": 10.0, "hs_minilm-ft": 12.0 + noise},
+            },
+        )
+        claims = R.protocol_claims(tmp_path, "m", sweeps=False)
+        if seed < 2:
+            assert {c.verdict for c in claims} == {NOT_TESTABLE}
+            assert f"{seed + 1} of the 3 declared seeds" in claims[0].rule
+        else:
+            assert claims[0].verdict == REPRODUCED

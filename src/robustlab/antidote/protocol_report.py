@@ -536,6 +536,7 @@ def protocol_claims(
     )
     seeds = pilot_seeds(root, model)
     verdict = pilot_verdict(mains, seeds)
+    declared = (settings_file(root, model) or {}).get("plan", {}).get("seeds", [0, 1, 2])
     if not mains:
         broken = True
         premise = " Not testable: no cell of the declared setting is committed yet."
@@ -552,6 +553,9 @@ def protocol_claims(
             f"{PILOT_MIN_FA:g}, gap {verdict[2]:+.1f} vs ≥ {PILOT_MIN_GAP:g}), so nothing is frozen for this "
             "model."
         )
+    if not broken and len(mains) < len(declared):  # a verdict at the declared number of seeds, not before
+        broken = True
+        premise = f" Not testable yet: {len(mains)} of the {len(declared)} declared seeds committed."
     below = None if broken else _below(d_hs)
     out.append(
         Claim(
@@ -578,7 +582,7 @@ def protocol_claims(
             f"attacked FA {_num(fa_att, '%')}; Antidote − attacked FA {_ci_text(d_fa, ' pts')}",
             scale,
             NOT_TESTABLE
-            if not learned or not d_fa[3] or verdict is None or not verdict[0]
+            if not learned or not d_fa[3] or verdict is None or not verdict[0] or len(mains) < len(declared)
             else REPRODUCED
             if cost <= FA_COST_POINTS
             else NOT_REPRODUCED,
