@@ -687,11 +687,21 @@ def test_claims_wait_for_the_declared_number_of_seeds(tmp_path) -> None:
                 "aligned": {"fa": 0.0, "hs_embedding": 8.0, "hs_minilm-ft": 9.0},
                 "finetuned": {"fa": 90.0, "hs_embedding": 40.0 + noise, "hs_minilm-ft": 45.0 + noise},
                 "antidote@0.1": {"fa": 88.0, "hs_embedding": 10.0, "hs_minilm-ft": 12.0 + noise},
+                # seed 2 is unfinished: its random-pruning point is not evaluated yet
+                **(
+                    {}
+                    if seed == 2
+                    else {"random@0.1": {"fa": 90.0, "hs_embedding": 39.0, "hs_minilm-ft": 44.0}}
+                ),
             },
         )
         claims = R.protocol_claims(tmp_path, "m", sweeps=False)
         if seed < 2:
             assert {c.verdict for c in claims} == {NOT_TESTABLE}
-            assert f"{seed + 1} of the 3 declared seeds" in claims[0].rule
+            assert f"{seed + 1} of the 3 declared seeds have both points" in claims[0].rule
         else:
             assert claims[0].verdict == REPRODUCED
+            random = next(c for c in claims if "random" in c.claim)
+            assert (
+                random.verdict == NOT_TESTABLE and "2 of the 3 declared seeds have both points" in random.rule
+            )
